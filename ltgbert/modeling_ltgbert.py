@@ -1,0 +1,523 @@
+"""LTG-BERT (Samuel et al., 2023, "Trained on 100 million words and still in shape"), transformers-native.
+
+How this architecture differs from BERT, and where each idea comes from:
+
+1. No absolute position embeddings. Attention gets disentangled relative-position terms (DeBERTa, He et al.
+   2021): score(q, k) = (q.k + q.Kpos[b] + k.Qpos[b]) / sqrt(3 * head_size), with b the bucket of q - k.
+2. Log buckets: distances up to position_bucket_size // 2 keep their own bucket; longer ones share
+   logarithmically wider buckets (T5, Raffel et al. 2020), so a model generalises past its training length.
+3. One relative-position table for all layers, LayerNorm-ed once; each layer projects it with its own
+   query/key projection.
+4. NormFormer-style extra LayerNorms (Shleifer et al. 2021): pre-norm without affine parameters on every
+   sub-layer input, an affine LayerNorm after the attention output projection, and one inside the
+   feed-forward. There is no final LayerNorm.
+5. GeGLU feed-forward (Shazeer 2020) without biases: value * gelu_tanh(gate).
+6. Depth-scaled truncated-normal initialisation: std sqrt(2 / (5 * hidden)); feed-forward weights of
+   layer i further scaled by sqrt(1 / (2 * (i + 1))).
+7. MLM head: norm -> dense -> GELU -> norm -> projection tied to the word embeddings.
+
+Speed: the reference materialises a [T, T, hidden] position tensor per layer. Here the relative table is
+projected once per layer to [2 * buckets - 1, hidden], scored against queries and keys per bucket
+([batch, heads, T, 2 * buckets - 1]) and gathered into an additive bias for
+``torch.nn.functional.scaled_dot_product_attention``. With labels, the MLM head projects onto the
+vocabulary only at the labelled positions.
+
+This file imports only torch and transformers: it is copied into saved checkpoints as remote code.
+"""
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
+
+from .configuration_ltgbert import LtgBertConfig
+
+# Published LTG-BERT key names -> ours (regex, applied to checkpoint keys at load time).
+PUBLISHED_KEY_MAPPING = {
+    r"^embedding\.word_embedding\.": "ltgbert.embeddings.word_embeddings.",
+    r"^embedding\.relative_embedding$": "ltgbert.embeddings.relative_embeddings",
+    r"^embedding\.relative_layer_norm\.": "ltgbert.embeddings.relative_norm.",
+    r"^transformer\.layers\.(\d+)\.attention\.in_proj_qk\.": r"ltgbert.encoder.layers.\1.attention.qk_proj.",
+    r"^transformer\.layers\.(\d+)\.attention\.in_proj_v\.": r"ltgbert.encoder.layers.\1.attention.v_proj.",
+    r"^transformer\.layers\.(\d+)\.attention\.out_proj\.": r"ltgbert.encoder.layers.\1.attention.out_proj.",
+    r"^transformer\.layers\.(\d+)\.attention\.post_layer_norm\.": r"ltgbert.encoder.layers.\1.attention.output_norm.",
+    r"^transformer\.layers\.(\d+)\.mlp\.mlp\.1\.": r"ltgbert.encoder.layers.\1.feed_forward.up_proj.",
+    r"^transformer\.layers\.(\d+)\.mlp\.mlp\.4\.": r"ltgbert.encoder.layers.\1.feed_forward.down_proj.",
+    r"^classifier\.nonlinearity\.1\.": "lm_head.dense.",
+    r"^classifier\.nonlinearity\.5\.bias$": "lm_head.bias",
+}
+
+
+def _is_published_layout(state_dict_keys) -> bool:
+    return any(k.startswith(("embedding.word_embedding", "transformer.layers.")) for k in state_dict_keys)
+
+
+def log_bucket_indices(query_len: int, key_len: int, bucket_size: int, max_position: int, device=None):
+    """Index into the relative table for every (query, key) pair: [query_len, key_len] int64.
+
+    Relative position r = q - k; |r| <= bucket_size // 2 keeps its value, larger distances go to
+    logarithmic buckets, all clamped at max_position - 1. Shifted by bucket_size - 1 to be >= 0.
+    """
+    mid = bucket_size // 2
+    rel = torch.arange(query_len, device=device)[:, None] - torch.arange(key_len, device=device)[None, :]
+    abs_rel = rel.abs().clamp(max=max_position - 1)
+    # Inside the linear zone the log branch is unused; feed it `mid` to keep log() finite.
+    safe = torch.where(abs_rel <= mid, torch.full_like(abs_rel, mid), abs_rel).float()
+    log_pos = torch.ceil(torch.log(safe / mid) / math.log((max_position - 1) / mid) * (mid - 1)).long() + mid
+    bucket = torch.where(abs_rel <= mid, rel, log_pos * rel.sign())
+    return bucket + bucket_size - 1
+
+
+class LtgBertEmbeddings(nn.Module):
+    def __init__(self, config: LtgBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, elementwise_affine=False)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.relative_embeddings = nn.Parameter(torch.empty(2 * config.position_bucket_size - 1, config.hidden_size))
+        self.relative_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids):
+        words = self.dropout(self.word_norm(self.word_embeddings(input_ids)))  # [batch, seq, hidden]
+        relative = self.relative_norm(self.relative_embeddings)  # [2 * buckets - 1, hidden]
+        return words, relative
+
+
+class LtgBertAttention(nn.Module):
+    def __init__(self, config: LtgBertConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.hidden_size // config.num_attention_heads
+        self.scale = 1.0 / math.sqrt(3 * self.head_size)
+        self.input_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, elementwise_affine=False)
+        self.qk_proj = nn.Linear(config.hidden_size, 2 * config.hidden_size)  # query rows first, then key
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention_dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def _split_heads(self, x):
+        batch, seq, _ = x.shape
+        return x.view(batch, seq, self.num_heads, self.head_size).transpose(1, 2)  # [batch, heads, seq, head]
+
+    def position_tables(self, query, key, relative):
+        """Per-bucket content-to-position and position-to-content scores, already scaled.
+
+        Returns two [batch, heads, seq, 2 * buckets - 1] tensors: c2p[b, h, q, j] = q.Kpos[j] and
+        p2c[b, h, k, j] = k.Qpos[j]. The GPU flex path reads these inside its kernel.
+        """
+        pos = F.linear(self.attention_dropout(relative), self.qk_proj.weight, self.qk_proj.bias)
+        query_pos, key_pos = (t.view(-1, self.num_heads, self.head_size) for t in pos.chunk(2, dim=-1))  # [buckets, heads, head]
+        c2p = torch.einsum("bhqd,jhd->bhqj", query, key_pos * self.scale)
+        p2c = torch.einsum("bhkd,jhd->bhkj", key * self.scale, query_pos)
+        return c2p, p2c
+
+    def position_bias(self, c2p, p2c, bucket_index):
+        """Gather the per-bucket tables into the additive bias [batch, heads, query, key]."""
+        batch, heads, seq, _ = c2p.shape
+        index = bucket_index.expand(batch, heads, seq, seq)
+        bias = c2p.gather(3, index)  # q.Kpos[b(q, k)]
+        bias = bias + p2c.gather(3, index.transpose(2, 3)).transpose(2, 3)  # k.Qpos[b(q, k)]
+        return bias
+
+    def forward(self, hidden, relative, bucket_index, padding_mask, output_attentions=False):
+        batch, seq, _ = hidden.shape
+        x = self.input_norm(hidden)
+        query, key = self.qk_proj(x).chunk(2, dim=-1)
+        query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(self.v_proj(x))
+        c2p, p2c = self.position_tables(query, key, relative)
+        implementation = self.config._attn_implementation
+        probs = None
+        if implementation == "flex_attention" and not output_attentions:
+            context = flex_attention_forward(query, key, value, c2p, p2c, bucket_index, padding_mask, self.scale)
+        else:
+            bias = self.position_bias(c2p, p2c, bucket_index)
+            if padding_mask is not None:
+                # A large finite negative, not -inf: a row whose keys are all padding stays finite.
+                bias = bias.masked_fill(~padding_mask[:, None, None, :], torch.finfo(bias.dtype).min)
+            if implementation == "eager" or output_attentions:
+                scores = torch.matmul(query, key.transpose(-1, -2)) * self.scale + bias  # [batch, heads, query, key]
+                probs = torch.softmax(scores, dim=-1)
+                context = torch.matmul(self.attention_dropout(probs), value)
+            else:
+                context = F.scaled_dot_product_attention(
+                    query, key, value, attn_mask=bias, scale=self.scale,
+                    dropout_p=self.attention_dropout.p if self.training else 0.0,
+                )
+        context = context.transpose(1, 2).reshape(batch, seq, -1)  # [batch, seq, hidden]
+        out = self.output_dropout(self.output_norm(self.out_proj(context)))
+        return out, probs
+
+
+def flex_attention_forward(query, key, value, c2p, p2c, bucket_index, padding_mask, scale):
+    """Attention with the relative bias computed inside the kernel from the small per-bucket tables.
+
+    Never builds a [batch, heads, T, T] bias: the score_mod reads c2p/p2c at the pair's bucket, and padding
+    becomes a block mask. Compile the model (torch.compile) for speed; eager flex is a reference path.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    batch, heads, seq, _ = query.shape
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        bucket = bucket_index[q_idx, kv_idx]
+        return score + c2p[b, h, q_idx, bucket] + p2c[b, h, kv_idx, bucket]
+
+    block_mask = None
+    if padding_mask is not None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return padding_mask[b, kv_idx]
+
+        block_mask = create_block_mask(mask_mod, batch, None, seq, seq, device=query.device)
+    return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+
+class LtgBertFeedForward(nn.Module):
+    def __init__(self, config: LtgBertConfig, layer_index: int):
+        super().__init__()
+        self.input_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, elementwise_affine=False)
+        self.up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)  # value half, gate half
+        self.inner_norm = nn.LayerNorm(config.intermediate_size, eps=config.layer_norm_eps, elementwise_affine=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # Read by the initialisation: deeper feed-forward weights start smaller (reference scheme).
+        self.up_proj.init_scale = self.down_proj.init_scale = math.sqrt(1.0 / (2.0 * (1 + layer_index)))
+
+    def forward(self, hidden):
+        value, gate = self.up_proj(self.input_norm(hidden)).chunk(2, dim=-1)
+        x = value * F.gelu(gate, approximate="tanh")  # GeGLU
+        return self.dropout(self.down_proj(self.inner_norm(x)))
+
+
+class LtgBertLayer(nn.Module):
+    def __init__(self, config: LtgBertConfig, layer_index: int):
+        super().__init__()
+        self.attention = LtgBertAttention(config)
+        self.feed_forward = LtgBertFeedForward(config, layer_index)
+
+    def forward(self, hidden, relative, bucket_index, padding_mask, output_attentions=False):
+        attention_out, probs = self.attention(hidden, relative, bucket_index, padding_mask, output_attentions)
+        hidden = hidden + attention_out
+        hidden = hidden + self.feed_forward(hidden)
+        return hidden, probs
+
+
+class LtgBertEncoder(nn.Module):
+    def __init__(self, config: LtgBertConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(LtgBertLayer(config, i) for i in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable()
+        # Bucket indices depend only on the config and the length: a cache, not a buffer, so that checkpoint
+        # loading (meta-device init) never leaves them uninitialised and published position_indices are moot.
+        self._bucket_cache = {}
+
+    def _bucket_index(self, seq_len, device):
+        key = (seq_len, str(device))
+        if key not in self._bucket_cache:
+            c = self.config
+            self._bucket_cache[key] = log_bucket_indices(
+                seq_len, seq_len, c.position_bucket_size, c.max_position_embeddings, device
+            )
+        return self._bucket_cache[key]
+
+    def forward(self, hidden, relative, padding_mask, output_attentions=False, output_hidden_states=False):
+        bucket_index = self._bucket_index(hidden.size(1), hidden.device)
+        all_hidden = (hidden,) if output_hidden_states else None
+        all_probs = () if output_attentions else None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden, probs = self._gradient_checkpointing_func(
+                    layer.__call__, hidden, relative, bucket_index, padding_mask, output_attentions
+                )
+            else:
+                hidden, probs = layer(hidden, relative, bucket_index, padding_mask, output_attentions)
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            if output_attentions:
+                all_probs += (probs,)
+        return hidden, all_hidden, all_probs
+
+
+class LtgBertPreTrainedModel(PreTrainedModel):
+    config_class = LtgBertConfig
+    base_model_prefix = "ltgbert"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _no_split_modules = ["LtgBertLayer"]
+    # Published checkpoints carry the reference's position-index buffers; ours are derived from the config.
+    _keys_to_ignore_on_load_unexpected = [r"position_indices"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # Tensors already loaded from a checkpoint carry _is_hf_initialized: leave them as they are.
+        std = math.sqrt(2.0 / (5.0 * self.config.hidden_size))
+
+        def fresh(tensor):
+            return not getattr(tensor, "_is_hf_initialized", False)
+
+        def trunc_normal(tensor, scale=1.0):
+            if fresh(tensor):
+                s = std * scale
+                nn.init.trunc_normal_(tensor, mean=0.0, std=s, a=-2 * s, b=2 * s)
+
+        def constant(tensor, value):
+            if tensor is not None and fresh(tensor):
+                nn.init.constant_(tensor, value)
+
+        if isinstance(module, LtgBertEmbeddings):
+            trunc_normal(module.word_embeddings.weight)
+            trunc_normal(module.relative_embeddings)
+        elif isinstance(module, LtgBertTiedDecoder):
+            pass  # the word-embedding matrix, initialised with the embeddings
+        elif isinstance(module, nn.Linear):
+            trunc_normal(module.weight, getattr(module, "init_scale", 1.0))
+            constant(module.bias, 0.0)
+        elif isinstance(module, nn.LayerNorm):
+            constant(module.weight, 1.0)
+            constant(module.bias, 0.0)
+        elif isinstance(module, LtgBertMaskedLMHead):
+            constant(module.bias, 0.0)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers' ``save_pretrained``; ``auto_map`` names every head, not only the saved class.
+
+        A checkpoint saved by pretraining then loads as a classifier through remote code too
+        (``AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)``).
+        """
+        if self._auto_class is not None:
+            self.config.auto_map = {
+                "AutoConfig": "configuration_ltgbert.LtgBertConfig",
+                "AutoModel": "modeling_ltgbert.LtgBertModel",
+                "AutoModelForMaskedLM": "modeling_ltgbert.LtgBertForMaskedLM",
+                "AutoModelForSequenceClassification": "modeling_ltgbert.LtgBertForSequenceClassification",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers' ``from_pretrained``; a checkpoint in the published LTG-BERT key layout is renamed.
+
+        The renaming happens on the state dict before transformers sees it, so the model saves with our
+        names afterwards (transformers' ``key_mapping`` would save back in the published names).
+        """
+        if pretrained_model_name_or_path is not None and kwargs.get("key_mapping") is None:
+            state_dict = _load_published_state_dict(pretrained_model_name_or_path, kwargs)
+            if state_dict is not None:
+                # transformers takes a state dict only without a model name: resolve the config here,
+                # letting config attributes among kwargs (num_labels=...) override it as usual.
+                config = kwargs.pop("config", None)
+                if config is None:
+                    config, kwargs = cls.config_class.from_pretrained(
+                        pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs
+                    )
+                kwargs["state_dict"] = convert_published_state_dict(state_dict)
+                return super().from_pretrained(None, *args, config=config, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+def _load_published_state_dict(name_or_path, kwargs):
+    """The checkpoint's tensors if it uses the published layout (single-file checkpoints), else None."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "force_download", "proxies", "token", "revision",
+                                         "local_files_only", "subfolder") if k in kwargs}
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        resolved = cached_file(
+            name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False, **hub_kwargs,
+        )
+        if resolved is None:
+            continue
+        if filename.endswith(".safetensors"):
+            with safe_open(resolved, "pt") as f:
+                if not _is_published_layout(f.keys()):
+                    return None
+                return {k: f.get_tensor(k) for k in f.keys()}
+        state_dict = torch.load(resolved, map_location="cpu", weights_only=True)
+        return state_dict if _is_published_layout(state_dict.keys()) else None
+    return None
+
+
+def convert_published_state_dict(state_dict):
+    """Rename a published-layout state dict to our names; drops the derived position-index buffers."""
+    converted = {}
+    for key, value in state_dict.items():
+        if key.endswith("position_indices"):
+            continue
+        for pattern, replacement in PUBLISHED_KEY_MAPPING.items():
+            if re.search(pattern, key):
+                key = re.sub(pattern, replacement, key)
+                break
+        converted[key] = value
+    return converted
+
+
+class LtgBertModel(LtgBertPreTrainedModel):
+    """The bare encoder: last hidden state of every token (no pooler, no final LayerNorm)."""
+
+    def __init__(self, config: LtgBertConfig):
+        super().__init__(config)
+        self.embeddings = LtgBertEmbeddings(config)
+        self.encoder = LtgBertEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,  # accepted for tokenizer/pipeline compatibility; unused
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        padding_mask = None if attention_mask is None else attention_mask.bool()  # [batch, seq], True = real token
+        hidden, relative = self.embeddings(input_ids)
+        hidden, all_hidden, all_probs = self.encoder(
+            hidden, relative, padding_mask, output_attentions, output_hidden_states
+        )
+        output = BaseModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, attentions=all_probs)
+        return output if return_dict is not False else output.to_tuple()
+
+
+class LtgBertTiedDecoder(nn.Linear):
+    """Vocabulary projection whose weight is the word-embedding matrix (marker type for initialisation)."""
+
+
+class LtgBertMaskedLMHead(nn.Module):
+    def __init__(self, config: LtgBertConfig):
+        super().__init__()
+        self.input_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, elementwise_affine=False)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, elementwise_affine=False)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.decoder = LtgBertTiedDecoder(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden):
+        x = self.output_norm(F.gelu(self.dense(self.input_norm(hidden))))  # exact (erf) GELU, as the reference
+        return self.decoder(self.dropout(x)) + self.bias
+
+
+class LtgBertForMaskedLM(LtgBertPreTrainedModel):
+    """LTG-BERT with its masked-language-modelling head.
+
+    With ``labels``, the head runs only where ``labels != -100`` and ``logits`` has shape
+    [num_labelled, vocab] in row-major order of those positions; without labels it is [batch, seq, vocab].
+    """
+
+    _tied_weights_keys = {"lm_head.decoder.weight": "ltgbert.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: LtgBertConfig):
+        super().__init__(config)
+        self.ltgbert = LtgBertModel(config)
+        self.lm_head = LtgBertMaskedLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head.decoder = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        encoded = self.ltgbert(
+            input_ids, attention_mask, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        hidden = encoded.last_hidden_state
+        loss = None
+        if labels is not None:
+            selected = labels != -100  # [batch, seq]
+            logits = self.lm_head(hidden[selected])  # [num_labelled, vocab]
+            loss = F.cross_entropy(logits.float(), labels[selected])
+        else:
+            logits = self.lm_head(hidden)  # [batch, seq, vocab]
+        output = MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class LtgBertForSequenceClassification(LtgBertPreTrainedModel):
+    """LTG-BERT with a classification/regression head on the first ([CLS]) token.
+
+    The problem type follows transformers' BERT: set ``config.problem_type``, or it is detected from
+    ``num_labels`` (1 -> regression) and the label dtype (integers -> single label, floats -> multi-label).
+    """
+
+    def __init__(self, config: LtgBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.ltgbert = LtgBertModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        encoded = self.ltgbert(
+            input_ids, attention_mask, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        logits = self.classifier(self.dropout(encoded.last_hidden_state[:, 0]))  # [batch, num_labels]
+        loss = None if labels is None else self.compute_loss(logits, labels)
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def compute_loss(self, logits, labels):
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.squeeze().float(), labels.squeeze().to(torch.float32))
+            return F.mse_loss(logits.float(), labels.to(torch.float32))
+        if self.config.problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.to(torch.float32))
