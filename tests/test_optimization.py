@@ -1,0 +1,210 @@
+"""Tests for ltgbert.optimization: Lamb against a per-parameter reference, groups, factory, schedules."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+from ltgbert.errors import UserError
+from ltgbert.optimization import Lamb, build_optimizer, get_lr_scheduler, param_groups
+
+
+@torch.no_grad()
+def reference_lamb_step(params, states, lr, betas, eps, weight_decay, always_adapt=False):
+    """The LTG-BERT loop (ltgoslo/ltg-bert training/lamb.py), one parameter at a time."""
+    beta1, beta2 = betas
+    for p in params:
+        if p.grad is None:
+            continue
+        state = states.setdefault(p, {})
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        m_t = exp_avg / (1 - beta1 ** state["step"])
+        v_t = (exp_avg_sq / (1 - beta2 ** state["step"])).sqrt()
+        update = m_t / (v_t + eps)
+        ratio = 1.0
+        if weight_decay > 0:
+            update.add_(p, alpha=weight_decay)
+        if weight_decay > 0 or always_adapt:
+            w_norm, u_norm = p.norm(), update.norm()
+            if w_norm > 0 and u_norm > 0:
+                ratio = (w_norm / u_norm).item()
+        p.add_(update, alpha=-lr * ratio)
+
+
+class TinyNet(torch.nn.Module):
+    """Several parameter shapes: an embedding, matrices, biases, a norm, a zero-initialised tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.word_embedding = torch.nn.Embedding(50, 16)
+        self.up = torch.nn.Linear(16, 32)
+        self.down = torch.nn.Linear(32, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.conv = torch.nn.Conv1d(16, 8, kernel_size=3)
+        self.scale = torch.nn.Parameter(torch.zeros(8))  # ||w|| = 0 -> trust ratio 1
+        self.frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+
+    def forward(self, ids):
+        h = self.norm(self.down(torch.relu(self.up(self.word_embedding(ids)))))  # [batch, time, 16]
+        c = self.conv(h.transpose(1, 2))  # [batch, 8, time - 2]
+        return (c.mean(-1) * (1 + self.scale)).pow(2).mean()
+
+
+def _grads(model, seed):
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    model(torch.randint(0, 50, (4, 10))).backward()
+
+
+@pytest.mark.parametrize("weight_decay,cpu_chunk_numel", [(0.0, None), (0.1, None), (0.1, 100)])
+def test_lamb_matches_reference(weight_decay, cpu_chunk_numel):
+    torch.manual_seed(0)
+    model = TinyNet()
+    ref_model = copy.deepcopy(model)
+    groups = param_groups(model, weight_decay)
+    opt = Lamb(groups, lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=weight_decay)
+    if cpu_chunk_numel is not None:
+        opt.cpu_chunk_numel = cpu_chunk_numel  # several _foreach chunks per group
+    ref_states = {}
+    ref_groups = param_groups(ref_model, weight_decay)
+    for step in range(6):
+        _grads(model, step)
+        _grads(ref_model, step)
+        if step == 2:  # a parameter without grad is skipped by both
+            model.up.bias.grad = None
+            ref_model.up.bias.grad = None
+        opt.step()
+        for g in ref_groups:
+            reference_lamb_step(g["params"], ref_states, 1e-2, (0.9, 0.98), 1e-6, g["weight_decay"])
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6, msg=name)
+    assert opt.state[model.up.bias]["step"] == 5 and opt.state[model.up.weight]["step"] == 6
+    assert torch.equal(model.frozen, torch.ones(3))
+
+
+def test_lamb_always_adapt_and_clamp():
+    torch.manual_seed(0)
+    model = TinyNet()
+    ref_model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref_params = [p for p in ref_model.parameters() if p.requires_grad]
+    opt = Lamb(params, lr=1e-2, always_adapt=True)
+    ref_states = {}
+    for step in range(3):
+        _grads(model, step)
+        _grads(ref_model, step)
+        opt.step()
+        reference_lamb_step(ref_params, ref_states, 1e-2, (0.9, 0.98), 1e-6, 0.0, always_adapt=True)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+
+    # clamp_trust_ratio=1e-9 makes every matrix step ~zero; zero-norm tensors still move (ratio 1 -> clamped).
+    w = torch.nn.Parameter(torch.ones(4, 4))
+    w.grad = torch.ones(4, 4)
+    Lamb([w], lr=1.0, weight_decay=0.1, clamp_trust_ratio=1e-9).step()
+    assert torch.allclose(w, torch.ones(4, 4), atol=1e-7)
+
+
+def test_lamb_state_dict_round_trip():
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = Lamb(param_groups(model, 0.1), lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        _grads(model, step)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    sd = opt.state_dict()
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    clone = TinyNet()
+    clone.load_state_dict(saved["model"])
+    clone_opt = Lamb(param_groups(clone, 0.1), lr=1e-2, weight_decay=0.1)
+    clone_opt.load_state_dict(saved["opt"])
+    for step in range(3, 6):
+        _grads(model, step)
+        _grads(clone, step)
+        opt.step()
+        clone_opt.step()
+    for p, q in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_param_groups_split():
+    model = TinyNet()
+    groups = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = sorted(names[id(p)] for p in groups[0]["params"])
+    no_decay = sorted(names[id(p)] for p in groups[1]["params"])
+    assert decay == ["conv.weight", "down.weight", "up.weight"]
+    assert no_decay == [
+        "conv.bias", "down.bias", "norm.bias", "norm.weight", "scale", "up.bias", "word_embedding.weight"
+    ]
+    assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
+
+
+def test_build_optimizer():
+    model = TinyNet()
+    assert isinstance(build_optimizer("lamb", model, 1e-3, (0.9, 0.98), 1e-6, 0.1), Lamb)
+    adamw = build_optimizer("AdamW", model, 1e-3, (0.9, 0.999), 1e-8, 0.1)
+    assert isinstance(adamw, torch.optim.AdamW) and len(adamw.param_groups) == 2
+    with pytest.raises(UserError, match="sgd"):
+        build_optimizer("sgd", model, 1e-3, (0.9, 0.98), 1e-6, 0.1)
+
+
+def _lrs(name, warmup, total, steps, min_lr_ratio=0.1):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_lr_scheduler(name, opt, warmup, total, min_lr_ratio)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_lr_schedules():
+    cos = _lrs("cosine", 10, 110, 130)
+    assert cos[0] == 0.0 and cos[5] == pytest.approx(0.5) and cos[10] == pytest.approx(1.0)
+    assert cos[60] == pytest.approx(0.55)  # half way: 0.1 + 0.9 * 0.5
+    assert cos[110] == pytest.approx(0.1) and cos[129] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(cos[10:], cos[11:]))
+    lin = _lrs("linear", 10, 110, 120, min_lr_ratio=0.0)
+    assert lin[60] == pytest.approx(0.5) and lin[110] == 0.0 and lin[119] == 0.0
+    const = _lrs("constant", 4, 100, 20)
+    assert const[2] == pytest.approx(0.5) and const[4:] == [1.0] * 16
+    # LTG recipe: 1.6% warmup of 31250 steps
+    ltg = _lrs("cosine", 500, 31250, 501)
+    assert ltg[250] == pytest.approx(0.5) and ltg[500] == pytest.approx(1.0)
+    assert math.isclose(_lrs("cosine", 0, 10, 1)[0], 1.0)
+    with pytest.raises(UserError, match="unknown lr scheduler"):
+        _lrs("poly", 1, 10, 1)
+
+
+def test_scheduler_state_round_trip():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_lr_scheduler("cosine", opt, 5, 50)
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    buffer = io.BytesIO()
+    torch.save(sched.state_dict(), buffer)
+    buffer.seek(0)
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched2 = get_lr_scheduler("cosine", opt2, 5, 50)
+    sched2.load_state_dict(torch.load(buffer, weights_only=False))
+    opt.step(), sched.step(), opt2.step(), sched2.step()
+    assert sched.get_last_lr() == sched2.get_last_lr()
