@@ -261,7 +261,7 @@ def test_base_preset_phase_switch_and_lamb(corpus, tokenizer_dir, tmp_path):
     result = run([sys.executable, str(PRETRAIN), "--config", str(ROOT / "launch" / "configs" / "base.yaml")]
                  + tiny_args(corpus, tokenizer_dir, out, max_steps=10, long_seq_length=64, long_seq_ratio=0.2,
                              gradient_accumulation_steps=2, eval_steps=0, mlm_probability_start=0.3,
-                             report_to="tensorboard"))
+                             report_to="tensorboard", learning_rate=None))
     config = run_config(out)
     assert config["optimizer"] == "lamb" and config["learning_rate"] == 1e-2 and config["max_grad_norm"] == 2.0
     scalars = read_scalars(out / "logs")
