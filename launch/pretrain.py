@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from argparse import Namespace
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,7 @@ class PretrainArguments:
     line_by_line: bool = field(default=False, metadata={"help": "Plain text: one document per line."})
     validation_split_percentage: float = field(
         default=1.0, metadata={"help": "Percent of documents held out when no validation file is given."})
-    max_seq_length: int = field(default=128, metadata={"help": "Length of packed blocks ([CLS] ... [SEP])."})
+    max_seq_length: int = field(default=64, metadata={"help": "Length of packed blocks ([CLS] ... [SEP])."})
     short_seq_prob: float = field(default=0.1, metadata={"help": "Share of blocks cut shorter at random."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where tokenised corpora are cached."})
@@ -59,6 +60,8 @@ class PretrainArguments:
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flex_attention."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    torch_compile_backend: str = field(
+        default="inductor", metadata={"help": "torch.compile backend (inductor; eager/aot_eager to debug)."})
     # ---- masking
     masking: str = field(default="span", metadata={"help": "span, word or subword."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Share of tokens predicted (final value)."})
@@ -76,7 +79,7 @@ class PretrainArguments:
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine, linear or constant."})
     warmup_ratio: float = field(default=0.016, metadata={"help": "Share of steps with linear warmup."})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "Cosine/linear decay ends at this share of lr."})
-    max_steps: int = field(default=1200, metadata={"help": "Optimizer steps; <= 0 uses --num_train_epochs."})
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps; <= 0 uses --num_train_epochs."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs when --max_steps <= 0."})
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 64
@@ -100,6 +103,8 @@ class PretrainArguments:
     blimp_dir: str | None = field(
         default=None, metadata={"help": "BLiMP-format jsonl file/dir scored every --blimp_eval_steps (demo: auto)."})
     blimp_eval_steps: int = field(default=0, metadata={"help": "Zero-shot BLiMP every N steps (0: only at end)."})
+    blimp_max_pairs_per_uid: int | None = field(
+        default=100, metadata={"help": "Score at most this many pairs of each phenomenon during training."})
     seed: int = 42
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard or none."})
     peak_flops: float | None = field(
@@ -400,6 +405,14 @@ def main(args: PretrainArguments):
         from ltgbert.zeroshot import load_blimp
 
         blimp_pairs = load_blimp(blimp_source)
+        if args.blimp_max_pairs_per_uid:  # the first N pairs of each phenomenon: quick, and the same every time
+            seen = Counter()
+            subset = []
+            for pair in blimp_pairs:
+                seen[pair["UID"]] += 1
+                if seen[pair["UID"]] <= args.blimp_max_pairs_per_uid:
+                    subset.append(pair)
+            blimp_pairs = subset
 
     # ---- model
     config = load_model_config(args, len(tokenizer))
@@ -430,7 +443,7 @@ def main(args: PretrainArguments):
         ds_config["gradient_clipping"] = args.max_grad_norm
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if args.torch_compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=args.torch_compile_backend)
     run_config = resolved_config(args) | {"world_size": accelerator.num_processes,
                                           "distributed_type": str(accelerator.distributed_type),
                                           "mixed_precision": accelerator.mixed_precision,

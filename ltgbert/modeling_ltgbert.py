@@ -23,7 +23,7 @@ bias. Padding is folded into the small per-bucket table. On CPU training steps t
 matmul (baddbmm) directly, since SDPA has no fused CPU kernel for dropout or a bias that needs a gradient;
 elsewhere it goes to ``torch.nn.functional.scaled_dot_product_attention``. With labels, the MLM head
 projects onto the vocabulary only at the labelled positions. ``config.gradient_checkpointing_mode =
-"attention"`` makes gradient checkpointing recompute only the attention core (see BENCHMARKS.md).
+"selective"`` makes gradient checkpointing recompute only the attention core and the GeGLU activation.
 
 This file imports only torch and transformers: it is copied into saved checkpoints as remote code.
 """
@@ -149,7 +149,7 @@ class LtgBertAttention(nn.Module):
         if self.config._attn_implementation == "flex_attention" and not output_attentions:
             context = flex_attention_forward(query, key, value, c2p, p2c, bucket_index, padding_mask, self.scale)
         elif checkpoint is not None and not output_attentions:
-            # gradient_checkpointing_mode="attention": only the [batch, heads, T, T] tensors are recomputed.
+            # gradient_checkpointing_mode="selective": only the [batch, heads, T, T] tensors are recomputed.
             context, _ = checkpoint(self.attend, query, key, value, c2p, p2c, bucket_index, padding_mask)
         else:
             context, probs = self.attend(query, key, value, c2p, p2c, bucket_index, padding_mask, output_attentions)
@@ -233,15 +233,20 @@ class LtgBertFeedForward(nn.Module):
         # Read by the initialisation: deeper feed-forward weights start smaller (reference scheme).
         self.up_proj.init_scale = self.down_proj.init_scale = math.sqrt(1.0 / (2.0 * (1 + layer_index)))
 
-    def forward(self, hidden):
+    def forward(self, hidden, checkpoint=None):
         x = self.input_norm(hidden)
         # Value and gate halves as two matmuls on row slices of up_proj (see LtgBertAttention.forward: no
         # activation-sized concatenation in the backward).
         half = self.up_proj.out_features // 2
         value = F.linear(x, self.up_proj.weight[:half])
         gate = F.linear(x, self.up_proj.weight[half:])
-        x = value * F.gelu(gate, approximate="tanh")  # GeGLU
-        return self.dropout(self.down_proj(self.inner_norm(x)))
+        # Selective checkpointing recomputes the element-wise activation: two [batch, seq, intermediate]
+        # tensors fewer kept for backward, for no matmul.
+        x = checkpoint(self.activate, value, gate) if checkpoint is not None else self.activate(value, gate)
+        return self.dropout(self.down_proj(x))
+
+    def activate(self, value, gate):
+        return self.inner_norm(value * F.gelu(gate, approximate="tanh"))  # GeGLU, then the NormFormer norm
 
 
 class LtgBertLayer(nn.Module):
@@ -255,7 +260,7 @@ class LtgBertLayer(nn.Module):
             hidden, relative, bucket_index, padding_mask, output_attentions, checkpoint=checkpoint
         )
         hidden = hidden + attention_out
-        hidden = hidden + self.feed_forward(hidden)
+        hidden = hidden + self.feed_forward(hidden, checkpoint=checkpoint)
         return hidden, probs
 
 
@@ -279,17 +284,18 @@ class LtgBertEncoder(nn.Module):
         return self._bucket_cache[key]
 
     def _checkpointing_mode(self):
-        """None, "full" (recompute whole layers) or "attention" (recompute only the attention core).
+        """None, "full" (recompute whole layers) or "selective" (recompute only the cheap, large parts).
 
-        config.gradient_checkpointing_mode picks what gradient_checkpointing_enable() recomputes: "attention"
-        keeps the cheap-to-recompute but large [batch, heads, T, T] tensors out of memory, which at long
-        sequences is most of a layer's activations, for a fraction of full recomputation's cost.
+        config.gradient_checkpointing_mode picks what gradient_checkpointing_enable() recomputes. "selective"
+        (Megatron-LM's selective recomputation, Korthikanti et al. 2022) recomputes the attention core, whose
+        [batch, heads, T, T] tensors are most of a layer's activations at long sequences, and the GeGLU
+        activation; no projection matmul runs twice. BENCHMARKS.md has the memory and time of both.
         """
         if not (self.gradient_checkpointing and self.training):
             return None
         mode = getattr(self.config, "gradient_checkpointing_mode", "full")
-        if mode not in ("full", "attention"):
-            raise ValueError(f'gradient_checkpointing_mode must be "full" or "attention", got {mode!r}')
+        if mode not in ("full", "selective"):
+            raise ValueError(f'gradient_checkpointing_mode must be "full" or "selective", got {mode!r}')
         return mode
 
     def forward(self, hidden, relative, padding_mask, output_attentions=False, output_hidden_states=False):
@@ -303,7 +309,7 @@ class LtgBertEncoder(nn.Module):
                     layer.__call__, hidden, relative, bucket_index, padding_mask, output_attentions
                 )
             else:
-                checkpoint = self._gradient_checkpointing_func if mode == "attention" else None
+                checkpoint = self._gradient_checkpointing_func if mode == "selective" else None
                 hidden, probs = layer(hidden, relative, bucket_index, padding_mask, output_attentions, checkpoint)
             if output_hidden_states:
                 all_hidden += (hidden,)

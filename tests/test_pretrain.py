@@ -73,13 +73,26 @@ DISTRIBUTED = [
 ]
 
 
+@pytest.fixture(scope="session")
+def distributed_runs(corpus, tokenizer_dir, no_dropout_config, tmp_path_factory):
+    """Runs a preset on 2 processes once per session (the resume test reuses the ZeRO-2 run)."""
+    done = {}
+
+    def get(preset):
+        if preset not in done:
+            out = tmp_path_factory.mktemp(preset.replace(".yaml", ""))
+            result = run(accelerate_cmd(2, preset) + tiny_args(corpus, tokenizer_dir, out, save_steps=3,
+                                                               config_name=no_dropout_config))
+            done[preset] = (out, result)
+        return done[preset]
+
+    return get
+
+
 @pytest.mark.parametrize("preset, distributed_type", DISTRIBUTED)
-def test_two_processes_match_single_process(preset, distributed_type, corpus, tokenizer_dir, reference_run,
-                                            no_dropout_config, tmp_path):
+def test_two_processes_match_single_process(preset, distributed_type, distributed_runs, reference_run, tmp_path):
     ref_dir, ref_losses = reference_run
-    out = tmp_path / "run"
-    result = run(accelerate_cmd(2, preset) + tiny_args(corpus, tokenizer_dir, out, save_steps=3,
-                                                       config_name=no_dropout_config))
+    out, result = distributed_runs(preset)
     config = run_config(out)
     assert config["world_size"] == 2 and config["distributed_type"] == distributed_type
     losses = logged_losses(result.stdout)
@@ -177,14 +190,14 @@ def test_kill_9_and_a_half_written_checkpoint(corpus, tokenizer_dir, reference_r
     _assert_same_weights(out, ref_dir)
 
 
-def test_deepspeed_resume_within_tolerance(corpus, tokenizer_dir, tmp_path):
-    straight = tmp_path / "straight"
-    run(accelerate_cmd(2, "zero2.yaml") + tiny_args(corpus, tokenizer_dir, straight, save_steps=3))
+def test_deepspeed_resume_within_tolerance(corpus, tokenizer_dir, no_dropout_config, distributed_runs, tmp_path):
+    straight, _ = distributed_runs("zero2.yaml")
     resumed = tmp_path / "resumed"
     shutil.copytree(straight / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
     shutil.copy(straight / "run_config.json", resumed / "run_config.json")
     result = run(accelerate_cmd(2, "zero2_offload.yaml")
-                 + tiny_args(corpus, tokenizer_dir, resumed, save_steps=3, resume_from_checkpoint="latest"))
+                 + tiny_args(corpus, tokenizer_dir, resumed, save_steps=3, resume_from_checkpoint="latest",
+                             config_name=no_dropout_config))
     assert sorted(logged_losses(result.stdout)) == [4, 5, 6]
     a, b = final_weights(straight), final_weights(resumed)
     for name in a:  # CPU offload runs the optimizer on the host copy: equal up to float rounding
@@ -224,13 +237,14 @@ def test_default_run_end_to_end(tmp_path, monkeypatch):
     demo = tmp_path / "demo"
     out = tmp_path / "out"
     result = subprocess.run(
-        accelerate_cmd(1) + ["--output_dir", str(out), "--max_steps", "60", "--demo_num_words", "60000",
-                             "--eval_steps", "30", "--logging_steps", "10", "--config_name", "tiny"],
+        accelerate_cmd(1) + ["--output_dir", str(out), "--max_steps", "40", "--demo_num_words", "60000",
+                             "--eval_steps", "20", "--logging_steps", "10", "--config_name", "tiny",
+                             "--blimp_max_pairs_per_uid", "10"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env(LTGBERT_DEMO_DIR=str(demo)),
     )
     assert result.returncode == 0, result.stderr[-4000:]
     losses = logged_losses(result.stdout)
-    assert losses[60] < 0.85 * losses[10]  # shortened run; the full default run is measured in the notes
+    assert losses[40] < 0.85 * losses[10]  # shortened run; the full default run is measured in the notes
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     model = AutoModelForMaskedLM.from_pretrained(out / "final")
@@ -244,9 +258,9 @@ def test_default_run_end_to_end(tmp_path, monkeypatch):
         assert tag in scalars, tag
     assert scalars["train/loss"][-1] < scalars["train/loss"][0]
     resolved = run_config(out)
-    assert resolved["max_steps"] == 60 and resolved["world_size"] == 1
+    assert resolved["max_steps"] == 40 and resolved["world_size"] == 1
     state = json.loads(next((out / "checkpoints").glob("step_*/trainer_state.json")).read_text())
-    assert state["config"]["max_steps"] == 60  # every checkpoint carries the resolved config
+    assert state["config"]["max_steps"] == 40  # every checkpoint carries the resolved config
 
 
 def test_demo_preset_is_the_default():
@@ -302,3 +316,46 @@ def test_used_output_dir_and_foreign_checkpoint_are_refused(corpus, tokenizer_di
     err = _cli_error(tiny_args(corpus, tokenizer_dir, used, config_name="demo", resume_from_checkpoint="latest"), capsys)
     assert "checkpoint" in err and "hidden_size" in err
     assert before == {p: p.stat().st_mtime_ns for p in used.rglob("*") if p.is_file()}  # nothing overwritten
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_continued_pretraining_with_options(corpus, tokenizer_dir, reference_run, tmp_path):
+    """--model_name_or_path, adamw + linear schedule, word masking, eager attention, gradient checkpointing,
+    rotation, BLiMP during training."""
+    ref_dir, _ = reference_run
+    out = tmp_path / "run"
+    run([sys.executable, str(PRETRAIN)] + tiny_args(
+        corpus, tokenizer_dir, out, model_name_or_path=ref_dir / "final", tokenizer_name=None, config_name=None,
+        optimizer="adamw", lr_scheduler_type="linear", masking="word", attn_implementation="eager",
+        gradient_checkpointing=True, max_steps=4, save_steps=2, save_total_limit=1, blimp_dir=corpus.blimp_dir,
+        blimp_eval_steps=2, blimp_max_pairs_per_uid=5, report_to="tensorboard", max_span_length=3))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000004"]
+    scalars = read_scalars(out / "logs")
+    assert len(scalars["blimp/overall"]) == 2 and 0 <= scalars["blimp/overall"][0] <= 1
+    lrs = scalars["train/learning_rate"]
+    assert lrs == sorted(lrs, reverse=True)  # linear decay
+    config = run_config(out)
+    assert config["model_config"]["hidden_size"] == 64 and config["optimizer"] == "adamw"
+    assert config["gradient_checkpointing"] and config["attn_implementation"] == "eager"
+
+
+def test_epochs_line_by_line_split_and_compile(corpus, tokenizer_dir, tmp_path):
+    """--num_train_epochs with a held-out share of documents (no validation file), one document per line,
+    tokenisation in 2 processes into --cache_dir, subword masking, torch.compile (the eager backend: graph
+    capture without inductor's minutes of code generation on CPU)."""
+    lines = [line for line in corpus.corpus_train.read_text().splitlines() if line][:400]
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(lines) + "\n")
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    result = run([sys.executable, str(PRETRAIN)] + tiny_args(
+        corpus, tokenizer_dir, out, train_file=text, validation_file=None, line_by_line=True,
+        validation_split_percentage=5, max_steps=0, num_train_epochs=1, preprocessing_num_workers=2,
+        cache_dir=cache, masking="subword", short_seq_prob=0.0, torch_compile=True, torch_compile_backend="eager",
+        logging_steps=1))
+    steps = sorted(logged_losses(result.stdout))
+    blocks = int(result.stdout.split("blocks=")[1].split()[0])
+    assert steps == list(range(1, blocks // 8 + 1))  # one epoch of full batches of 8
+    assert any(cache.glob("packed-*.arrow"))
+    assert run_config(out)["torch_compile"]

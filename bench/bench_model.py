@@ -1,0 +1,151 @@
+"""Training throughput of LtgBertForMaskedLM against transformers' BertForMaskedLM at the same parameter count.
+
+    python bench/bench_model.py                          # small size, fp32, 16 x 128, AdamW
+    python bench/bench_model.py --dtype bf16             # bf16 autocast (CPU: needs AVX512-BF16/AMX)
+    python bench/bench_model.py --baseline               # also the pre-optimisation LTG layer code
+    python bench/bench_model.py --compile                # torch.compile both models
+    python bench/bench_model.py --tiny                   # seconds; the smoke test
+
+The small size: hidden 384, 12 layers, 6 heads, vocab 16384; LTG intermediate 1024 (GeGLU, 3 x 1024 x 384
+weights) vs BERT intermediate 1536 (2 x 1536 x 384): the same number of encoder weights. 15% of the tokens
+are labelled; LTG projects onto the vocabulary only at those rows, BERT computes full logits as transformers
+does (the baseline users have). Variants run in interleaved rounds in one process; tokens/s are medians over
+rounds, the ratio is the median of per-round ratios, and MFU is the useful model FLOP rate (common.model_flops)
+over an n^3 matmul rate measured in the same round. With one thread (OMP_NUM_THREADS=1) every time is process
+CPU time, which other jobs on a shared machine do not inflate (--clock to choose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--steps", type=int, default=2, help="training steps per variant per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--layers", type=int, default=None, help="override the layer count (quick profiling)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--baseline", action="store_true", help="also run LTG with the pre-optimisation layer code")
+    p.add_argument("--no_bert", action="store_true", help="LTG variants only (with --baseline: before/after)")
+    p.add_argument("--matmul_size", type=int, default=2048)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, one step, two rounds: a smoke test")
+    p.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+    p.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                   help="process CPU time or wall time (default: cpu with one thread, else wall)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.steps, args.rounds, args.seq_len, args.batch_size, args.matmul_size = 1, 2, 32, 4, 256
+    return args
+
+
+def build_variants(args, shape):
+    """name -> (model, step closure); the same batch for all, seeded weights."""
+    torch.manual_seed(0)
+    batch = common.mlm_batch(shape.vocab, args.batch_size, args.seq_len)
+    models = {"ltg": common.ltg_model(shape, args.seq_len)}
+    if args.baseline:
+        models["ltg_before"] = common.use_before_attention(common.ltg_model(shape, args.seq_len))
+    if not args.no_bert:
+        models["bert"] = common.bert_model(shape, args.seq_len)
+    variants = {}
+    for name, model in models.items():
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if args.compile:
+            model = torch.compile(model)
+        variants[name] = (model, common.train_step_fn(model, optimizer, batch, args.dtype))
+    return variants, batch
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    shape = common.Shape.tiny() if args.tiny else common.Shape()
+    if args.layers is not None:
+        shape.layers = args.layers
+    torch_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    variants, batch = build_variants(args, shape)
+    n_masked = int((batch["labels"] != -100).sum())
+    tokens = args.batch_size * args.seq_len
+    flops = common.model_flops(shape, args.batch_size, args.seq_len, n_masked)
+
+    # Peak rates measured once per round (between the variants' timings), so MFU compares rates under one load.
+    peaks = {"fp32": [], args.dtype: []}
+
+    which = args.clock or common.clock()
+
+    def on_round(_):
+        for name in peaks:
+            dtype = torch.float32 if name == "fp32" else torch_dtype
+            peaks[name].append(common.matmul_rate(dtype, args.matmul_size, which=which))
+
+    seconds = common.interleaved({n: v[1] for n, v in variants.items()}, args.steps, args.rounds,
+                                 on_round=on_round, which=which)
+
+    results = {
+        "shape": vars(shape), "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "steps": args.steps, "rounds": args.rounds, "compile": args.compile, "n_masked": n_masked,
+        "model_flops_per_step": flops, "threads": torch.get_num_threads(), "clock": which,
+        "peak_fp32_flops": statistics.median(peaks["fp32"]), "models": {},
+    }
+    if args.dtype != "fp32":
+        results[f"peak_{args.dtype}_flops"] = statistics.median(peaks[args.dtype])
+    for name, (model, _) in variants.items():
+        per_round = seconds[name]
+        entry = {
+            "params": common.num_params(model),
+            "tokens_per_s": statistics.median(tokens / s for s in per_round),
+            "mfu_fp32_peak": statistics.median(flops / s / p for s, p in zip(per_round, peaks["fp32"])),
+        }
+        if args.dtype != "fp32":
+            entry[f"mfu_{args.dtype}_peak"] = statistics.median(
+                flops / s / p for s, p in zip(per_round, peaks[args.dtype]))
+        results["models"][name] = entry
+    ratios = {}
+    if "bert" in seconds:
+        ratios["ltg/bert"] = common.median_ratio(seconds["bert"], seconds["ltg"])
+        if "ltg_before" in seconds:
+            ratios["ltg_before/bert"] = common.median_ratio(seconds["bert"], seconds["ltg_before"])
+    if "ltg_before" in seconds:
+        ratios["ltg/ltg_before"] = common.median_ratio(seconds["ltg_before"], seconds["ltg"])
+    results["ratios"] = ratios
+    report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def report(results: dict) -> None:
+    print(f"{results['dtype']}  batch {results['batch_size']} x {results['seq_len']}  {results['threads']} threads  "
+          f"compile={results['compile']}  masked {results['n_masked']}  clock {results['clock']}  "
+          f"model GFLOP/step {results['model_flops_per_step'] / 1e9:.1f}")
+    peak_line = f"measured matmul peak: fp32 {results['peak_fp32_flops'] / 1e9:.1f} GFLOP/s"
+    if results["dtype"] != "fp32":
+        peak_line += f", {results['dtype']} {results['peak_' + results['dtype'] + '_flops'] / 1e9:.1f} GFLOP/s"
+    print(peak_line)
+    print(f"{'model':<12}{'params':>12}{'tokens/s':>12}{'MFU(fp32)':>11}" +
+          (f"{'MFU(' + results['dtype'] + ')':>11}" if results["dtype"] != "fp32" else ""))
+    for name, e in results["models"].items():
+        line = f"{name:<12}{e['params']:>12,}{e['tokens_per_s']:>12.0f}{100 * e['mfu_fp32_peak']:>10.1f}%"
+        if results["dtype"] != "fp32":
+            line += f"{100 * e['mfu_' + results['dtype'] + '_peak']:>10.1f}%"
+        print(line)
+    for name, r in results["ratios"].items():
+        print(f"speed ratio {name}: {r:.3f}x (median of per-round ratios)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Performance options of the model keep its numerics: the optimised layer code against the pre-optimisation
+copy kept by the benchmarks, selective gradient checkpointing against none, padding folded into the
+position table."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ltgbert import LtgBertForMaskedLM, LtgBertModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import common  # noqa: E402
+
+
+def _no_dropout(config):
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    return config
+
+
+def _batch(vocab=64, batch=3, seq=24):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, seq - 5:] = 0
+    mask[2, seq // 2:] = 0
+    labels = torch.where(torch.rand(batch, seq, generator=g) < 0.3, ids, -100)
+    labels[0, 1] = ids[0, 1]
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_optimised_layers_match_the_pre_optimisation_code(tiny_config):
+    """bench/common.py's frozen "before" layer code and the current code: same loss and gradients."""
+    torch.manual_seed(0)
+    model = LtgBertForMaskedLM(_no_dropout(tiny_config))
+    batch = _batch()
+    loss, grads = _loss_and_grads(model, batch)
+    before = LtgBertForMaskedLM(tiny_config)
+    before.load_state_dict(model.state_dict())
+    common.use_before_attention(before)
+    loss_before, grads_before = _loss_and_grads(before, batch)
+    torch.testing.assert_close(loss, loss_before, rtol=1e-5, atol=1e-6)
+    for name, g in grads_before.items():
+        assert (grads[name] - g).abs().max() <= 1e-5 * g.abs().max() + 1e-8, name
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_selective_checkpointing_gives_identical_gradients(tiny_config, use_reentrant):
+    torch.manual_seed(0)
+    model = LtgBertForMaskedLM(_no_dropout(tiny_config))
+    batch = _batch()
+    loss, plain = _loss_and_grads(model, batch)
+    model.config.gradient_checkpointing_mode = "selective"
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    loss_ckpt, checkpointed = _loss_and_grads(model, batch)
+    assert torch.equal(loss, loss_ckpt) and plain.keys() == checkpointed.keys()
+    for name in plain:
+        tolerance = 0.0 if not use_reentrant else 1e-6 * plain[name].abs().max().item()
+        assert (checkpointed[name] - plain[name]).abs().max() <= tolerance, name
+
+
+def test_selective_checkpointing_replays_dropout(tiny_config):
+    """With dropout on, the recomputed parts draw the same dropout masks (the RNG state is replayed)."""
+    model = LtgBertForMaskedLM(tiny_config)
+    batch = _batch()
+    torch.manual_seed(1)
+    _, plain = _loss_and_grads(model, batch)
+    model.config.gradient_checkpointing_mode = "selective"
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(1)
+    _, checkpointed = _loss_and_grads(model, batch)
+    for name in plain:
+        assert torch.equal(checkpointed[name], plain[name]), name
+
+
+def test_unknown_checkpointing_mode_is_rejected(tiny_config):
+    model = LtgBertForMaskedLM(tiny_config)
+    model.config.gradient_checkpointing_mode = "layers"
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient_checkpointing_mode"):
+        model(**_batch())
+
+
+def test_all_padding_row_stays_finite(tiny_config):
+    model = LtgBertModel(_no_dropout(tiny_config)).eval()
+    batch = _batch()
+    mask = batch["attention_mask"].clone()
+    mask[2] = 0
+    for implementation in ("eager", "sdpa"):
+        model.config._attn_implementation = implementation
+        with torch.no_grad():
+            out = model(batch["input_ids"], attention_mask=mask).last_hidden_state
+        assert torch.isfinite(out).all(), implementation
+
+
+def test_training_path_matches_sdpa_in_eval(tiny_config):
+    """On CPU with gradients on, attention takes the explicit baddbmm path; it agrees with SDPA's kernel."""
+    model = LtgBertModel(_no_dropout(tiny_config)).eval()
+    batch = _batch()
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        fused = model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    explicit = model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    assert (explicit.detach() - fused)[real].abs().max() < 1e-5
