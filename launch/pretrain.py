@@ -63,7 +63,8 @@ class PretrainArguments:
     torch_compile_backend: str = field(
         default="inductor", metadata={"help": "torch.compile backend (inductor; eager/aot_eager to debug)."})
     # ---- masking
-    masking: str = field(default="span", metadata={"help": "span, word or subword."})
+    masking: str = field(
+        default="subword", metadata={"help": "span (the LTG-BERT recipe), word or subword (the demo's default)."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Share of tokens predicted (final value)."})
     mlm_probability_start: float | None = field(
         default=None, metadata={"help": "Mask ratio at step 0, falling linearly to --mlm_probability."})

@@ -1,0 +1,279 @@
+"""launch/finetune.py end to end: every problem type on the demo tasks, bad input, resume after preemption,
+transformers.Trainer compatibility, 2-process DeepSpeed ZeRO-2 on CPU, and pretraining vs. random init.
+
+Runs call ``finetune.main`` in-process on a tiny LTG-BERT (hidden 64, 2 layers) and a few hundred rows; the
+DeepSpeed run goes through ``accelerate launch`` as a user would start it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "launch"))
+
+import finetune  # noqa: E402
+from ltgbert.arguments import parse_args  # noqa: E402
+
+FAST = ["--max_train_samples", "256", "--max_eval_samples", "64", "--max_predict_samples", "32",
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "32", "--max_seq_length", "64",
+        "--logging_steps", "4", "--report_to", "none", "--learning_rate", "3e-4"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    # Each run creates its Accelerator; accelerate keeps one process-wide state, which the next run (another
+    # gradient accumulation, another precision) must not inherit. Test isolation only: scripts run once.
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, demo_data):
+    """A 'pretraining output': tokenizer trained on the demo task sentences + a random tiny LTG-BERT MLM."""
+    from ltgbert import LtgBertConfig, LtgBertForMaskedLM
+    from ltgbert.tokenization import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    sentences = [json.loads(line)["sentence"] for task in ("grammaticality", "topic")
+                 for line in open(demo_data.tasks_dir / task / "train.jsonl")]
+    tokenizer = train_tokenizer(iter(sentences), vocab_size=600, output_dir=out, model_max_length=64)
+    config = LtgBertConfig.from_preset("tiny", vocab_size=len(tokenizer), max_position_embeddings=64,
+                                       position_bucket_size=16)
+    torch.manual_seed(0)
+    LtgBertForMaskedLM(config).save_pretrained(out)
+    return out
+
+
+def run(argv):
+    (args,) = parse_args(finetune.FinetuneArguments, [str(a) for a in argv])
+    return finetune.main(args)
+
+
+def cli_error(argv, capsys):
+    capsys.readouterr()  # drop what the test itself printed
+    code = finetune.cli([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err  # one line, no traceback
+    return err[0]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_demo_tasks_every_problem_type(tiny_model_dir, demo_data, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "demo"
+    result = run(["--model_name_or_path", tiny_model_dir, "--task_name", "demo", "--demo_dir", demo_data.root,
+                  "--output_dir", out, *FAST, "--report_to", "tensorboard"])
+    assert result["status"] == "done"
+    expected = {"grammaticality": ("binary", int), "topic": ("multiclass", str),
+                "mentions": ("multilabel", list), "regression": ("regression", float)}
+    for task, (problem, kind) in expected.items():
+        metrics = json.loads((out / task / "metrics.json").read_text())
+        assert metrics["problem_type"] == problem and metrics["world_size"] == 1
+        assert metrics["eval"][metrics["metric_for_best_model"]] == metrics["best_metric"]
+        preds = read_jsonl(out / task / "predictions_test.jsonl")
+        assert len(preds) == 32 and all(isinstance(p["prediction"], kind) for p in preds)
+        model = AutoModelForSequenceClassification.from_pretrained(out / task / "best")
+        assert model.config.problem_type == {"binary": "single_label_classification",
+                                             "multiclass": "single_label_classification",
+                                             "multilabel": "multi_label_classification"}.get(problem, problem)
+        assert (out / task / "best" / "tokenizer.json").is_file()
+    topic = AutoModelForSequenceClassification.from_pretrained(out / "topic" / "best").config
+    assert topic.id2label == {0: "animal", 1: "food", 2: "object", 3: "person", 4: "place"}
+    assert "test" in json.loads((out / "grammaticality" / "metrics.json").read_text())  # test has labels
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "grammaticality" / "logs" / "finetune")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "eval/accuracy", "eval/f1", "eval/loss"} <= tags, tags
+
+
+def test_glue_task_with_local_files_and_options(tiny_model_dir, tmp_path):
+    # rte columns and label names from the GLUE table; labels given as names; unlabelled test; tsv output;
+    # layer-wise lr decay, gradient accumulation, gradient checkpointing, early stopping, eval_steps.
+    rows = [("the dog runs", "a dog runs", "entailment"), ("the cat sleeps", "a dog runs", "not_entailment")] * 40
+    header = "sentence1\tsentence2\tlabel\n"
+    (tmp_path / "train.tsv").write_text(header + "".join("\t".join(r) + "\n" for r in rows))
+    (tmp_path / "dev.tsv").write_text(header + "".join("\t".join(r) + "\n" for r in rows[:16]))
+    (tmp_path / "test.tsv").write_text("sentence1\tsentence2\n" + "".join(f"{a}\t{b}\n" for a, b, _ in rows[:6]))
+    out = tmp_path / "rte"
+    result = run(["--model_name_or_path", tiny_model_dir, "--task_name", "rte", "--train_file", tmp_path / "train.tsv",
+                  "--validation_file", tmp_path / "dev.tsv", "--test_file", tmp_path / "test.tsv",
+                  "--output_dir", out, *FAST, "--num_train_epochs", "3", "--per_device_train_batch_size", "8",
+                  "--gradient_accumulation_steps", "2", "--eval_steps", "2", "--early_stopping_patience", "2",
+                  "--metric_for_best_model", "eval_accuracy", "--layerwise_lr_decay", "0.8", "--gradient_checkpointing",
+                  "--predictions_format", "tsv"])
+    assert result["metric_for_best_model"] == "accuracy"
+    assert result["steps"] < 15 and len(result["history"]) == result["steps"] // 2  # stopped early
+    lines = (out / "predictions_test.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 7
+    assert {line.split("\t")[1] for line in lines[1:]} <= {"entailment", "not_entailment"}
+    assert "test" not in result  # predict only
+
+
+def test_layerwise_lr_decay_groups(tiny_model_dir):
+    from ltgbert import LtgBertConfig, LtgBertForSequenceClassification
+
+    model = LtgBertForSequenceClassification(LtgBertConfig.from_preset("tiny", vocab_size=100))
+    args = finetune.FinetuneArguments(learning_rate=1.0, layerwise_lr_decay=0.5, weight_decay=0.1)
+    groups = finetune.layerwise_param_groups(model, args)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["ltgbert.embeddings.word_embeddings.weight"])] == 0.25  # decay^L, L = 2
+    assert lr_of[id(named["ltgbert.encoder.layers.0.attention.v_proj.weight"])] == 0.5
+    assert lr_of[id(named["ltgbert.encoder.layers.1.attention.v_proj.weight"])] == 1.0
+    assert lr_of[id(named["classifier.weight"])] == 1.0
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    assert {g["weight_decay"] for g in groups if any(p is named["classifier.weight"] for p in g["params"])} == {0.1}
+
+
+def test_bad_input(tiny_model_dir, demo_data, tmp_path, capsys, monkeypatch):
+    from ltgbert import LtgBertConfig, LtgBertForSequenceClassification
+
+    grammar = demo_data.tasks_dir / "grammaticality"
+    base = ["--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out", *FAST]
+    local = [*base, "--train_file", grammar / "train.jsonl"]
+    assert "label column 'gold'" in cli_error([*local, "--label_column", "gold"], capsys)
+    assert "unknown task 'sst3'" in cli_error([*base, "--task_name", "sst3"], capsys)
+    assert "outside 0..0" in cli_error([*local, "--num_labels", "1"], capsys)
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "has no rows" in cli_error([*local, "--validation_file", tmp_path / "empty.jsonl"], capsys)
+    # a checkpoint with a 5-label classifier, fine-tuned on a 2-label task
+    clf = tmp_path / "clf"
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    LtgBertForSequenceClassification(LtgBertConfig(**{**config, "num_labels": 5})).save_pretrained(clf)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (clf / name).write_bytes((tiny_model_dir / name).read_bytes())
+    clf_args = [*local, "--model_name_or_path", clf, "--max_train_samples", "32", "--test_file", tmp_path / "t.jsonl"]
+    (tmp_path / "t.jsonl").write_text('{"sentence": "The dog runs."}\n')
+    assert "classifier with 5 labels" in cli_error(clf_args, capsys)
+    assert finetune.cli([*map(str, clf_args), "--ignore_mismatched_sizes"]) == 0
+    assert read_jsonl(tmp_path / "out" / "predictions_test.jsonl")[0]["prediction"] in (0, 1)  # predict only
+    # a tokenizer bigger than the model's embedding matrix
+    small = tmp_path / "small"
+    LtgBertForSequenceClassification(LtgBertConfig(**{**config, "vocab_size": 50})).save_pretrained(small)
+    assert "embeddings hold 50" in cli_error([*local, "--model_name_or_path", small, "--tokenizer_name", tiny_model_dir,
+                                              "--output_dir", tmp_path / "o2"], capsys)
+    # a finished run is not overwritten; no arguments and no pretraining output -> the command that makes it
+    assert "holds a finished run" in cli_error([*clf_args, "--ignore_mismatched_sizes"], capsys)
+    monkeypatch.chdir(tmp_path)
+    assert "accelerate launch launch/pretrain.py" in cli_error([], capsys)
+
+
+class StopAfter:
+    """A PreemptionHandler stand-in whose flag goes up at the n-th poll, as if SIGUSR1 came then."""
+
+    def __init__(self, n):
+        self.n, self.polls, self.signal_name = n, 0, "SIGUSR1"
+
+    def install(self):
+        return self
+
+    @property
+    def requested(self):
+        self.polls += 1
+        return self.polls >= self.n
+
+
+def test_preemption_and_resume_match_straight_run(tiny_model_dir, demo_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    grammar = demo_data.tasks_dir / "grammaticality"
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file", grammar / "train.jsonl",
+            "--validation_file", grammar / "validation.jsonl", *FAST, "--max_train_samples", "128",
+            "--num_train_epochs", "2", "--per_device_train_batch_size", "16", "--save_steps", "3"]
+    straight = run([*argv, "--output_dir", tmp_path / "straight"])
+    monkeypatch.setattr(finetune, "PreemptionHandler", lambda: StopAfter(11))
+    out = tmp_path / "resumed"
+    assert finetune.cli([*map(str, argv), "--output_dir", str(out), "--resume_from_checkpoint", "latest"]) == 75
+    assert (out / "checkpoints" / "step_00000011").is_dir() and not (out / "metrics.json").exists()
+    monkeypatch.setattr(finetune, "PreemptionHandler", lambda: StopAfter(10**9))
+    resumed = run([*argv, "--output_dir", out, "--resume_from_checkpoint", "latest"])
+    assert resumed["steps"] == straight["steps"] == 16
+    assert resumed["history"] == straight["history"]
+    a, b = load_file(tmp_path / "straight" / "best" / "model.safetensors"), load_file(out / "best" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_transformers_trainer_fine_tunes_ltgbert(tmp_path, tiny_tokenizer):
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from ltgbert import LtgBertConfig, LtgBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LtgBertConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), num_labels=2)
+    model = LtgBertForSequenceClassification(config)
+    texts = [("the dog runs", 1), ("the cats see a boy", 0), ("a big dog likes the girl", 1), ("this cat is red", 0)]
+    rows = [{**tiny_tokenizer(t), "labels": y} for t, y in texts * 8]
+    before = model.classifier.weight.detach().clone()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tiny_tokenizer))
+    output = trainer.train()
+    assert output.global_step == 4 and torch.isfinite(torch.tensor(output.training_loss))
+    assert not torch.equal(before, model.classifier.weight.detach())
+
+
+def test_deepspeed_zero2_two_processes(tiny_model_dir, demo_data, tmp_path):
+    pytest.importorskip("deepspeed")
+    grammar = demo_data.tasks_dir / "grammaticality"
+    out = tmp_path / "ds"
+    # The same launch preset as pretraining: ds_configs/zero2.json, whose "auto" values the script fills.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/zero2.yaml",
+           "--num_processes", "2", "launch/finetune.py", "--model_name_or_path", str(tiny_model_dir),
+           "--train_file", str(grammar / "train.jsonl"), "--validation_file", str(grammar / "validation.jsonl"),
+           "--test_file", str(grammar / "test.jsonl"), "--output_dir", str(out), *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "false"}
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and "DEEPSPEED" in metrics["distributed_type"]
+    # 256 rows in batches of 32 = 8 batches, dealt 4 and 4: each rank its own 128 rows, none twice.
+    assert metrics["data_check"] == {"rows_per_rank_first_epoch": [128, 128], "rows_on_several_ranks": 0}
+    assert metrics["steps"] == 4 and len(read_jsonl(out / "predictions_test.jsonl")) == 32
+
+
+def test_pretraining_beats_random_init(request, demo_data, tmp_path):
+    """Same budget from the demo pretraining checkpoint vs. from random weights, on demo grammaticality.
+
+    Needs the session fixture ``pretrained_demo_dir`` (tests/conftest.py): a short demo pretraining whose
+    ``final/`` directory it yields. Also fine-tunes from the run's intermediate checkpoint (exported on the fly).
+    """
+    try:
+        pretrained = Path(request.getfixturevalue("pretrained_demo_dir"))
+    except pytest.FixtureLookupError:
+        pytest.skip("needs the pretrained_demo_dir fixture (a short demo pretraining) from tests/conftest.py")
+    argv = ["--task_name", "demo_grammaticality", "--demo_dir", demo_data.root, "--num_train_epochs", "3",
+            "--per_device_train_batch_size", "32", "--learning_rate", "2e-4", "--max_seq_length", "64",
+            "--report_to", "none", "--logging_steps", "50", "--seed", "0", "--max_predict_samples", "8"]
+    checkpoints = sorted((pretrained.parent / "checkpoints").glob("step_*"))
+    if checkpoints:  # accelerate state, not a HF dir: exported to <output_dir>/pretrained_export/ first
+        result = run(["--model_name_or_path", checkpoints[-1], *argv, "--max_train_samples", "64",
+                      "--num_train_epochs", "1", "--output_dir", tmp_path / "from_checkpoint"])
+        assert result["status"] == "done"
+        assert (tmp_path / "from_checkpoint" / "pretrained_export" / checkpoints[-1].name / "config.json").is_file()
+    from_pretrained = run(["--model_name_or_path", pretrained, *argv, "--output_dir", tmp_path / "pretrained"])
+    from_scratch = run(["--model_name_or_path", pretrained, *argv, "--output_dir", tmp_path / "scratch", "--random_init"])
+    accuracies = {"pretrained": from_pretrained["eval"]["accuracy"], "random_init": from_scratch["eval"]["accuracy"]}
+    print(f"demo grammaticality validation accuracy: {accuracies}")
+    assert accuracies["pretrained"] >= accuracies["random_init"] + 0.05, accuracies
+
+
+def test_demo_config_file_is_the_default():
+    (from_file,) = parse_args(finetune.FinetuneArguments, ["--config", str(REPO / "launch/configs/finetune_demo.yaml")])
+    (default,) = parse_args(finetune.FinetuneArguments, [])
+    assert from_file == default and default.task_name == "demo"
