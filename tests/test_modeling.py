@@ -23,9 +23,8 @@ import ltgbert
 from ltgbert import LtgBertConfig, LtgBertForMaskedLM, LtgBertForSequenceClassification, LtgBertModel
 from ltgbert.modeling_ltgbert import log_bucket_indices
 
+# The checkout sits next to shared/ (here and in CI): <parent>/main/tests/ -> <parent>/shared/fixtures/
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ltgbert_reference_small.safetensors"
-if not FIXTURE.exists():  # CI clones main next to a copy of shared/
-    FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / FIXTURE.name
 
 
 def _no_dropout(config):

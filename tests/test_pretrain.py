@@ -26,11 +26,8 @@ import pretrain  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    from ltgbert.demo_data import ensure_demo_data
-
-    return ensure_demo_data(tmp_path_factory.mktemp("demo"), num_words=40_000, pairs_per_phenomenon=200,
-                            task_sizes=(200, 50, 50))
+def corpus(demo_data):
+    return demo_data  # the session's demo corpus (tests/conftest.py)
 
 
 @pytest.fixture(scope="session")
