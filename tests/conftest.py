@@ -78,4 +78,4 @@ def pretrained_demo_dir(demo_data, tmp_path_factory):
     return out / "final"
 
 
-PRETRAIN_TEST_STEPS = "300"
+PRETRAIN_TEST_STEPS = "600"

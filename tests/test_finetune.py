@@ -258,7 +258,7 @@ def test_pretraining_beats_random_init(request, demo_data, tmp_path):
     except pytest.FixtureLookupError:
         pytest.skip("needs the pretrained_demo_dir fixture (a short demo pretraining) from tests/conftest.py")
     argv = ["--task_name", "demo_grammaticality", "--demo_dir", demo_data.root, "--num_train_epochs", "3",
-            "--per_device_train_batch_size", "32", "--learning_rate", "2e-4", "--max_seq_length", "64",
+            "--per_device_train_batch_size", "32", "--learning_rate", "1e-3", "--max_seq_length", "64",
             "--report_to", "none", "--logging_steps", "50", "--seed", "0", "--max_predict_samples", "8"]
     checkpoints = sorted((pretrained.parent / "checkpoints").glob("step_*"))
     if checkpoints:  # accelerate state, not a HF dir: exported to <output_dir>/pretrained_export/ first
