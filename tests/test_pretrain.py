@@ -67,6 +67,7 @@ DISTRIBUTED = [
     ("zero1.yaml", "DistributedType.DEEPSPEED"),
     ("zero2.yaml", "DistributedType.DEEPSPEED"),
     ("zero3.yaml", "DistributedType.DEEPSPEED"),
+    ("zero3_offload.yaml", "DistributedType.DEEPSPEED"),
 ]
 
 
@@ -234,7 +235,7 @@ def test_default_run_end_to_end(tmp_path, monkeypatch):
     demo = tmp_path / "demo"
     out = tmp_path / "out"
     result = subprocess.run(
-        accelerate_cmd(1) + ["--output_dir", str(out), "--max_steps", "40", "--demo_num_words", "60000",
+        accelerate_cmd(1, "single.yaml") + ["--output_dir", str(out), "--max_steps", "40", "--demo_num_words", "60000",
                              "--eval_steps", "20", "--logging_steps", "10", "--config_name", "tiny",
                              "--blimp_max_pairs_per_uid", "10"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env(LTGBERT_DEMO_DIR=str(demo)),

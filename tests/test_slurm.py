@@ -114,7 +114,7 @@ def jobs(cluster, data, tmp_path_factory) -> dict:
     j["preempt"] = submit("slurm/pretrain.slurm", [*PRETRAIN_ARGS, *data_args, "--max_steps", str(PREEMPT_STEPS),
                                                    "--save_steps", "1000", "--output_dir", str(j["preempt_dir"])],
                           ["--nodes=2", "--job-name=preempt"],
-                          env={"MAX_REQUEUES": "1", "ACCELERATE_CONFIG": "launch/accelerate/zero2.yaml"})
+                          env={"MAX_REQUEUES": "1", "ACCELERATE_CONFIG": "launch/accelerate/multinode.yaml"})
     finetune_args = ["--model_name_or_path", str(j["pretrain_dir"] / "final"), "--task_name", "",
                      "--train_file", str(data["task"] / "train.jsonl"),
                      "--validation_file", str(data["task"] / "validation.jsonl"),
@@ -183,7 +183,7 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, jobs):
     assert info["JobState"] == "COMPLETED", f"{info}\n{log}\n{cluster.tail_logs()}"
     assert info["Restarts"] == "1", log
     assert "received SIGUSR1" in log and "requeueing (restart 1" in log, log
-    # This job runs DeepSpeed ZeRO-2 (launch/accelerate/zero2.yaml) across the two nodes.
+    # This job runs DeepSpeed ZeRO-2 across the two nodes with the multi-node preset (launch/accelerate/multinode.yaml).
     assert log.count("world_size=2 distributed_type=DistributedType.DEEPSPEED") == 4, log  # 2 ranks x 2 runs
     runs = log.split("restart 1: ")
     assert len(runs) == 2, log
