@@ -172,15 +172,9 @@ def evaluate(args: EvaluateArguments) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ltgbert.arguments import parse_args
+    from ltgbert.arguments import run_entry_point
 
-    try:
-        (args,) = parse_args(EvaluateArguments, argv)
-        evaluate(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point(EvaluateArguments, evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -70,17 +70,15 @@ def export(checkpoint, output_dir, tokenizer_name=None):
     return output_dir
 
 
-def cli(argv=None):
-    from ltgbert.arguments import parse_args
-
-    try:
-        (args,) = parse_args(ExportArguments, argv)
-        out = export(args.checkpoint, args.output_dir, args.tokenizer_name)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(args: ExportArguments):
+    out = export(args.checkpoint, args.output_dir, args.tokenizer_name)
     print(f"exported {args.checkpoint} to {out}")
-    return 0
+
+
+def cli(argv=None):
+    from ltgbert.arguments import run_entry_point
+
+    return run_entry_point(ExportArguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import ltgbert  # noqa: E402,F401  (registers the LTG-BERT Auto classes)
-from ltgbert.arguments import parse_args, resolved_config, save_resolved_config  # noqa: E402
+from ltgbert.arguments import resolved_config, run_entry_point, save_resolved_config  # noqa: E402
 from ltgbert.checkpointing import (  # noqa: E402
     export_final_model,
     find_latest_checkpoint,
@@ -57,7 +57,7 @@ from ltgbert.distributed import all_ranks_any, make_accelerator  # noqa: E402
 from ltgbert.errors import UserError  # noqa: E402
 from ltgbert.metrics import METRIC_NAMES, compute_metrics, default_metric, is_better, logits_to_predictions  # noqa: E402
 from ltgbert.optimization import OPTIMIZERS, SCHEDULERS, Lamb, get_lr_scheduler, param_groups  # noqa: E402
-from ltgbert.preemption import EXIT_PREEMPTED, EXIT_USER_ERROR, PreemptionHandler  # noqa: E402
+from ltgbert.preemption import EXIT_PREEMPTED, PreemptionHandler  # noqa: E402
 from ltgbert.tasks import (  # noqa: E402
     DEMO_TASKS,
     DynamicPaddingCollator,
@@ -549,13 +549,10 @@ def main(args: FinetuneArguments) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    try:
-        (args,) = parse_args(FinetuneArguments, argv)
-        result = main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return EXIT_PREEMPTED if result.get("status") == "preempted" else 0
+    def run(args):
+        return EXIT_PREEMPTED if main(args).get("status") == "preempted" else 0
+
+    return run_entry_point(FinetuneArguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from ltgbert import LtgBertConfig, LtgBertForMaskedLM  # noqa: E402
 from ltgbert.errors import UserError  # noqa: E402
-from ltgbert.preemption import EXIT_PREEMPTED, EXIT_USER_ERROR  # noqa: E402
+from ltgbert.preemption import EXIT_PREEMPTED  # noqa: E402
 
 DEMO_OUTPUT_DIR = "outputs/pretrain-demo"
 
@@ -607,14 +607,9 @@ def main(args: PretrainArguments):
 
 
 def cli(argv=None):
-    from ltgbert.arguments import parse_args
+    from ltgbert.arguments import run_entry_point
 
-    try:
-        (args,) = parse_args(PretrainArguments, argv)
-        return main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return run_entry_point(PretrainArguments, main, argv)
 
 
 if __name__ == "__main__":

@@ -70,15 +70,9 @@ def run(args: TokenizerArguments):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ltgbert.arguments import parse_args
+    from ltgbert.arguments import run_entry_point
 
-    try:
-        (args,) = parse_args(TokenizerArguments, argv)
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point(TokenizerArguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +233,19 @@ def load_resolved_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"resolved config {path} must hold a JSON object")
     return data
+
+
+def run_entry_point(dataclass_type: type, main: Callable[[Any], Any], argv: Sequence[str] | None = None) -> int:
+    """What every launch/*.py script does: parse ``argv`` into ``dataclass_type`` and call ``main(args)``.
+
+    Bad input (a ``UserError`` from parsing or from ``main``) becomes one ``error: ...`` line on stderr and exit
+    status 2. ``main`` may return an int exit status (e.g. 75 after a preemption checkpoint); anything else
+    counts as success.
+    """
+    try:
+        (args,) = parse_args(dataclass_type, argv)
+        status = main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return status if isinstance(status, int) else 0
