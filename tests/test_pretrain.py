@@ -357,3 +357,18 @@ def test_epochs_line_by_line_split_and_compile(corpus, tokenizer_dir, tmp_path):
     assert steps == list(range(1, blocks // 8 + 1))  # one epoch of full batches of 8
     assert any(cache.glob("packed-*.arrow"))
     assert run_config(out)["torch_compile"]
+
+
+def test_export_entry_point(reference_run, tmp_path, capsys):
+    """launch/export.py turns a checkpoint into the same model directory as final/."""
+    import export
+
+    ref_dir, _ = reference_run
+    assert export.cli(["--checkpoint", str(ref_dir / "checkpoints" / "step_00000006"),
+                       "--output_dir", str(tmp_path / "exported")]) == 0
+    from safetensors.torch import load_file
+
+    exported, final = load_file(tmp_path / "exported" / "model.safetensors"), final_weights(ref_dir)
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    assert export.cli(["--checkpoint", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "x")]) == 2
+    assert "not a pretraining checkpoint" in capsys.readouterr().err
