@@ -10,6 +10,7 @@ logs/ (TensorBoard). Exit status: 0 done, 2 bad input, 75 stopped by SIGUSR1/SIG
 (the SLURM templates requeue on it; `--resume_from_checkpoint latest` continues).
 """
 
+import json
 import os
 import sys
 import time
@@ -173,8 +174,6 @@ def load_model_config(args, vocab_size):
 
 
 def check_checkpoint_matches(path, config):
-    import json
-
     try:
         saved = json.loads((Path(path) / "trainer_state.json").read_text())["config"]["model_config"]
     except (OSError, ValueError, KeyError):
@@ -508,7 +507,6 @@ def main(args: PretrainArguments):
         if args.mlm_probability_start is not None:
             collator.mlm_probability = mask_ratio_at(step, plan.total_steps, args.mlm_probability_start,
                                                      args.mlm_probability)
-        step_start = time.perf_counter()
         bad = torch.zeros((), device=accelerator.device)
         for _ in range(args.gradient_accumulation_steps):
             batch = next_batch()
@@ -562,7 +560,7 @@ def main(args: PretrainArguments):
                 totals[1].item() / max(totals[2].item(), 1), "train/learning_rate": scheduler.get_last_lr()[0],
                 "train/tokens_per_second": tokens_per_second, "train/samples_per_second":
                 window_steps * plan.batch[phase] * args.gradient_accumulation_steps * accelerator.num_processes / elapsed,
-                "train/step_time": (time.perf_counter() - step_start) if window_steps == 1 else elapsed / window_steps,
+                "train/step_time": elapsed / window_steps,
                 "train/mfu": tokens_per_second * model_flops_per_token(config, seq_len, collator.mlm_probability)
                 / (peak * accelerator.num_processes),
                 "train/seq_len": seq_len, "train/mask_ratio": collator.mlm_probability, "train/skipped_steps": skipped,
