@@ -2,7 +2,7 @@
 
     python bench/bench_model.py                          # small size, fp32, 16 x 128, AdamW
     python bench/bench_model.py --dtype bf16             # bf16 autocast (CPU: needs AVX512-BF16/AMX)
-    python bench/bench_model.py --baseline               # also the pre-optimisation LTG layer code
+    python bench/bench_model.py --baseline               # also the pre-optimisation code, and torch's dropout
     python bench/bench_model.py --compile                # torch.compile both models
     python bench/bench_model.py --tiny                   # seconds; the smoke test
 
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--layers", type=int, default=None, help="override the layer count (quick profiling)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--baseline", action="store_true", help="also run LTG with the pre-optimisation layer code")
+    p.add_argument("--baseline", action="store_true", help="also run LTG with the pre-optimisation layer code, and with torch's nn.Dropout")
     p.add_argument("--no_bert", action="store_true", help="LTG variants only (with --baseline: before/after)")
     p.add_argument("--matmul_size", type=int, default=2048)
     p.add_argument("--tiny", action="store_true", help="tiny shapes, one step, two rounds: a smoke test")
@@ -59,6 +59,7 @@ def build_variants(args, shape):
     models = {"ltg": common.ltg_model(shape, args.seq_len)}
     if args.baseline:
         models["ltg_before"] = common.use_before_attention(common.ltg_model(shape, args.seq_len))
+        models["ltg_nn_dropout"] = common.use_torch_dropout(common.ltg_model(shape, args.seq_len))
     if not args.no_bert:
         models["bert"] = common.bert_model(shape, args.seq_len)
     variants = {}
@@ -121,6 +122,7 @@ def main(argv=None) -> dict:
             ratios["ltg_before/bert"] = common.median_ratio(seconds["bert"], seconds["ltg_before"])
     if "ltg_before" in seconds:
         ratios["ltg/ltg_before"] = common.median_ratio(seconds["ltg_before"], seconds["ltg"])
+        ratios["ltg/ltg_nn_dropout"] = common.median_ratio(seconds["ltg_nn_dropout"], seconds["ltg"])
     results["ratios"] = ratios
     report(results)
     if args.json:
@@ -136,10 +138,10 @@ def report(results: dict) -> None:
     if results["dtype"] != "fp32":
         peak_line += f", {results['dtype']} {results['peak_' + results['dtype'] + '_flops'] / 1e9:.1f} GFLOP/s"
     print(peak_line)
-    print(f"{'model':<12}{'params':>12}{'tokens/s':>12}{'MFU(fp32)':>11}" +
+    print(f"{'model':<16}{'params':>12}{'tokens/s':>12}{'MFU(fp32)':>11}" +
           (f"{'MFU(' + results['dtype'] + ')':>11}" if results["dtype"] != "fp32" else ""))
     for name, e in results["models"].items():
-        line = f"{name:<12}{e['params']:>12,}{e['tokens_per_s']:>12.0f}{100 * e['mfu_fp32_peak']:>10.1f}%"
+        line = f"{name:<16}{e['params']:>12,}{e['tokens_per_s']:>12.0f}{100 * e['mfu_fp32_peak']:>10.1f}%"
         if results["dtype"] != "fp32":
             line += f"{100 * e['mfu_' + results['dtype'] + '_peak']:>10.1f}%"
         print(line)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from ltgbert import LtgBertConfig, LtgBertForMaskedLM  # noqa: E402
 
@@ -227,7 +228,17 @@ def _before_feed_forward(self, hidden, **_):
 def use_before_attention(model: LtgBertForMaskedLM) -> LtgBertForMaskedLM:
     """Make this one model instance run the pre-optimisation layer code (the class is left untouched)."""
     model.ltgbert.config._attn_implementation = "sdpa"
+    use_torch_dropout(model)
     for layer in model.ltgbert.encoder.layers:
         layer.attention.forward = types.MethodType(_before_attention_forward, layer.attention)
         layer.feed_forward.forward = types.MethodType(_before_feed_forward, layer.feed_forward)
+    return model
+
+
+def use_torch_dropout(model):
+    """Replace every LtgBertDropout of this model instance by torch's nn.Dropout (as before LtgBertDropout)."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Dropout):
+                setattr(parent, name, nn.Dropout(child.p))
     return model

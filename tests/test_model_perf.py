@@ -110,3 +110,40 @@ def test_training_path_matches_sdpa_in_eval(tiny_config):
         fused = model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     explicit = model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     assert (explicit.detach() - fused)[real].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fast_dropout_drops_at_rate_p_and_keeps_the_expectation(p):
+    from ltgbert.modeling_ltgbert import LtgBertDropout
+
+    dropout = LtgBertDropout(p).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x)
+    kept = y != 0
+    # 1e6 draws: the binomial standard deviation of the rate is under 5e-4.
+    assert abs(1 - kept.float().mean().item() - p) < 2.5e-3
+    assert abs(y.mean().item() - 1.0) < 5e-3  # kept values are scaled by 1 / (1 - p)
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)), rtol=1e-4)
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.equal(x.grad, 2.0 * y.detach())  # gradient: the same mask, the same scale
+    # Every dropped element is independent of its neighbours: the rate is p in each of the four 16-bit lanes
+    # that one 64-bit draw provides.
+    lanes = kept.flatten()[: 1000 * 1000 // 4 * 4].view(-1, 4).float().mean(0)
+    assert torch.allclose(lanes, torch.full_like(lanes, 1 - p), atol=5e-3), lanes
+
+
+def test_fast_dropout_follows_the_seed_and_the_mode():
+    from ltgbert.modeling_ltgbert import LtgBertDropout
+
+    dropout = LtgBertDropout(0.1).train()
+    x = torch.randn(7, 33)  # a size that is not a multiple of 4
+    torch.manual_seed(3)
+    a = dropout(x)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x), a)
+    assert not torch.equal(dropout(x), a)  # the generator moved on
+    assert dropout(x.bfloat16()).dtype == torch.bfloat16
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(LtgBertDropout(0.0).train()(x), x)
+    assert torch.equal(LtgBertDropout(1.0).train()(x), torch.zeros_like(x))
