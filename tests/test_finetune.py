@@ -252,25 +252,36 @@ def test_pretraining_beats_random_init(request, demo_data, tmp_path):
 
     Needs the session fixture ``pretrained_demo_dir`` (tests/conftest.py): a short demo pretraining whose
     ``final/`` directory it yields. Also fine-tunes from the run's intermediate checkpoint (exported on the fly).
+
+    Calibration (3 pretraining seeds x 4 fine-tuning seeds of this setup, 600 pretraining steps, 6 epochs at
+    lr 1e-3): pretrained 0.70-0.74, random init 0.60-0.65; single-seed margins 0.063-0.143 (mean 0.104, sd
+    0.023), margins averaged over fine-tuning seeds 0 and 1 at least 0.097. Asserted: the two-seed mean margin
+    is at least 0.06 and each seed's margin is positive.
     """
     try:
         pretrained = Path(request.getfixturevalue("pretrained_demo_dir"))
     except pytest.FixtureLookupError:
         pytest.skip("needs the pretrained_demo_dir fixture (a short demo pretraining) from tests/conftest.py")
-    argv = ["--task_name", "demo_grammaticality", "--demo_dir", demo_data.root, "--num_train_epochs", "3",
+    argv = ["--task_name", "demo_grammaticality", "--demo_dir", demo_data.root, "--num_train_epochs", "6",
             "--per_device_train_batch_size", "32", "--learning_rate", "1e-3", "--max_seq_length", "64",
-            "--report_to", "none", "--logging_steps", "50", "--seed", "0", "--max_predict_samples", "8"]
+            "--report_to", "none", "--logging_steps", "50", "--max_predict_samples", "8"]
     checkpoints = sorted((pretrained.parent / "checkpoints").glob("step_*"))
     if checkpoints:  # accelerate state, not a HF dir: exported to <output_dir>/pretrained_export/ first
         result = run(["--model_name_or_path", checkpoints[-1], *argv, "--max_train_samples", "64",
                       "--num_train_epochs", "1", "--output_dir", tmp_path / "from_checkpoint"])
         assert result["status"] == "done"
         assert (tmp_path / "from_checkpoint" / "pretrained_export" / checkpoints[-1].name / "config.json").is_file()
-    from_pretrained = run(["--model_name_or_path", pretrained, *argv, "--output_dir", tmp_path / "pretrained"])
-    from_scratch = run(["--model_name_or_path", pretrained, *argv, "--output_dir", tmp_path / "scratch", "--random_init"])
-    accuracies = {"pretrained": from_pretrained["eval"]["accuracy"], "random_init": from_scratch["eval"]["accuracy"]}
-    print(f"demo grammaticality validation accuracy: {accuracies}")
-    assert accuracies["pretrained"] >= accuracies["random_init"] + 0.05, accuracies
+    margins = []
+    for seed in (0, 1):
+        seeded = [*argv, "--seed", str(seed)]
+        from_pretrained = run(["--model_name_or_path", pretrained, *seeded, "--output_dir", tmp_path / f"pretrained{seed}"])
+        from_scratch = run(["--model_name_or_path", pretrained, *seeded, "--output_dir", tmp_path / f"scratch{seed}",
+                            "--random_init"])
+        accuracies = (from_pretrained["eval"]["accuracy"], from_scratch["eval"]["accuracy"])
+        print(f"seed {seed}: demo grammaticality validation accuracy pretrained {accuracies[0]:.3f}, "
+              f"random init {accuracies[1]:.3f}")
+        margins.append(accuracies[0] - accuracies[1])
+    assert min(margins) > 0 and sum(margins) / len(margins) >= 0.06, margins
 
 
 def test_demo_config_file_is_the_default():
