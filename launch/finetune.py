@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import ltgbert  # noqa: E402,F401  (registers the LTG-BERT Auto classes)
 from ltgbert.arguments import resolved_config, run_entry_point, save_resolved_config  # noqa: E402
 from ltgbert.checkpointing import (  # noqa: E402
+    enable_activation_checkpointing,
     export_final_model,
     find_latest_checkpoint,
     load_checkpoint,
@@ -379,7 +380,7 @@ def main(args: FinetuneArguments) -> dict[str, Any]:
     if args.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise UserError(f"{type(model).__name__} does not support --gradient_checkpointing")
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
 
     # ------------------------------------------------------------------------------------------ optimizer
     groups = layerwise_param_groups(model, args)

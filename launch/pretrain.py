@@ -355,7 +355,9 @@ def main(args: PretrainArguments):
     from tqdm.auto import tqdm
 
     from ltgbert.arguments import resolved_config, save_resolved_config
-    from ltgbert.checkpointing import export_final_model, find_latest_checkpoint, load_checkpoint, save_checkpoint
+    from ltgbert.checkpointing import (
+        enable_activation_checkpointing, export_final_model, find_latest_checkpoint, load_checkpoint, save_checkpoint,
+    )
     from ltgbert.data import check_tokenizer_fits
     from ltgbert.distributed import make_accelerator
     from ltgbert.masking import MlmCollator, mask_ratio_at
@@ -426,7 +428,7 @@ def main(args: PretrainArguments):
     else:
         model = LtgBertForMaskedLM(config)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
 
     # ---- optimizer
     optimizer = build_optimizer(args.optimizer, model, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),

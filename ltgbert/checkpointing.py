@@ -306,3 +306,16 @@ def export_final_model(
         _commit_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def enable_activation_checkpointing(model, use_reentrant: bool = False) -> None:
+    """Turn on gradient (activation) checkpointing of a transformers model, non-reentrant by default.
+
+    transformers 5.x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and warns
+    on the old name; versions without the new name get the old one.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})

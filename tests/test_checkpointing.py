@@ -248,3 +248,24 @@ def test_make_accelerator_single_process(monkeypatch):
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def test_enable_activation_checkpointing_turns_it_on_without_deprecation_warning(tiny_config):
+    import warnings
+
+    from ltgbert import LtgBertForMaskedLM
+    from ltgbert.checkpointing import enable_activation_checkpointing
+
+    model = LtgBertForMaskedLM(tiny_config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        enable_activation_checkpointing(model)
+    assert model.is_gradient_checkpointing and model.ltgbert.encoder.gradient_checkpointing
+
+    class OldTransformersModel:  # no activation_checkpointing_enable: the old name is used
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.kwargs = gradient_checkpointing_kwargs
+
+    old = OldTransformersModel()
+    enable_activation_checkpointing(old)
+    assert old.kwargs == {"use_reentrant": False}
