@@ -43,10 +43,14 @@ def small_model_shapes(hidden=384, layers=12, intermediate=1024, vocab=16384, bu
 
 
 class ReferenceLamb(torch.optim.Optimizer):
-    """The per-parameter loop of ltgoslo/ltg-bert ``training/lamb.py`` (host sync in ``if w_norm > 0``)."""
+    """The per-parameter loop of ltgoslo/ltg-bert ``training/lamb.py`` (host sync in ``if w_norm > 0``).
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+    Also the reference that tests/test_optimization.py checks ``ltgbert.optimization.Lamb`` against;
+    ``always_adapt`` applies the trust ratio without weight decay too, as Lamb's option of that name.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0, always_adapt=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, always_adapt=always_adapt))
 
     @torch.no_grad()
     def step(self):
@@ -70,6 +74,7 @@ class ReferenceLamb(torch.optim.Optimizer):
                 ratio = 1.0
                 if group["weight_decay"] > 0:
                     update.add_(p, alpha=group["weight_decay"])
+                if group["weight_decay"] > 0 or group["always_adapt"]:
                     w_norm, g_norm = p.norm(), update.norm()
                     if w_norm > 0.0 and g_norm > 0.0:
                         ratio = w_norm / g_norm

@@ -1,10 +1,13 @@
-"""Tests for ltgbert.optimization: Lamb against a per-parameter reference, groups, factory, schedules."""
+"""Tests for ltgbert.optimization: Lamb against the per-parameter reference (bench/bench_lamb.py), groups, factory,
+schedules."""
 
 from __future__ import annotations
 
 import copy
 import io
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,34 +15,8 @@ import torch
 from ltgbert.errors import UserError
 from ltgbert.optimization import Lamb, build_optimizer, get_lr_scheduler, param_groups
 
-
-@torch.no_grad()
-def reference_lamb_step(params, states, lr, betas, eps, weight_decay, always_adapt=False):
-    """The LTG-BERT loop (ltgoslo/ltg-bert training/lamb.py), one parameter at a time."""
-    beta1, beta2 = betas
-    for p in params:
-        if p.grad is None:
-            continue
-        state = states.setdefault(p, {})
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] += 1
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        m_t = exp_avg / (1 - beta1 ** state["step"])
-        v_t = (exp_avg_sq / (1 - beta2 ** state["step"])).sqrt()
-        update = m_t / (v_t + eps)
-        ratio = 1.0
-        if weight_decay > 0:
-            update.add_(p, alpha=weight_decay)
-        if weight_decay > 0 or always_adapt:
-            w_norm, u_norm = p.norm(), update.norm()
-            if w_norm > 0 and u_norm > 0:
-                ratio = (w_norm / u_norm).item()
-        p.add_(update, alpha=-lr * ratio)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_lamb import ReferenceLamb  # noqa: E402  (the LTG-BERT per-parameter loop)
 
 
 class TinyNet(torch.nn.Module):
@@ -76,8 +53,7 @@ def test_lamb_matches_reference(weight_decay, cpu_chunk_numel):
     opt = Lamb(groups, lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=weight_decay)
     if cpu_chunk_numel is not None:
         opt.cpu_chunk_numel = cpu_chunk_numel  # several _foreach chunks per group
-    ref_states = {}
-    ref_groups = param_groups(ref_model, weight_decay)
+    ref_opt = ReferenceLamb(param_groups(ref_model, weight_decay), lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
     for step in range(6):
         _grads(model, step)
         _grads(ref_model, step)
@@ -85,8 +61,7 @@ def test_lamb_matches_reference(weight_decay, cpu_chunk_numel):
             model.up.bias.grad = None
             ref_model.up.bias.grad = None
         opt.step()
-        for g in ref_groups:
-            reference_lamb_step(g["params"], ref_states, 1e-2, (0.9, 0.98), 1e-6, g["weight_decay"])
+        ref_opt.step()
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6, msg=name)
     assert opt.state[model.up.bias]["step"] == 5 and opt.state[model.up.weight]["step"] == 6
@@ -100,12 +75,12 @@ def test_lamb_always_adapt_and_clamp():
     params = [p for p in model.parameters() if p.requires_grad]
     ref_params = [p for p in ref_model.parameters() if p.requires_grad]
     opt = Lamb(params, lr=1e-2, always_adapt=True)
-    ref_states = {}
+    ref_opt = ReferenceLamb(ref_params, lr=1e-2, betas=(0.9, 0.98), eps=1e-6, always_adapt=True)
     for step in range(3):
         _grads(model, step)
         _grads(ref_model, step)
         opt.step()
-        reference_lamb_step(ref_params, ref_states, 1e-2, (0.9, 0.98), 1e-6, 0.0, always_adapt=True)
+        ref_opt.step()
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
 
