@@ -156,6 +156,18 @@ def logged_steps(log: str) -> list[int]:
     return [int(m) for m in re.findall(r"\bstep (\d+) loss ", log)]
 
 
+def completed_on_two_nodes(cluster, jobs: dict, name: str) -> str:
+    """Wait for the job; assert it completed without a restart, with one launcher per node (machine ranks 0
+    and 1 on two different nodes). Returns its log."""
+    job = jobs[name]
+    info = cluster.wait_finished(job, TIMEOUT)
+    log = log_of(jobs, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
+    ranks = dict(re.findall(r"node (\S+) \(.*\): machine rank (\d) of 2", log))
+    assert sorted(ranks.values()) == ["0", "1"] and len(ranks) == 2, log
+    return log
+
+
 def import_gather_sweep():
     """launch/gather_sweep.py as a module (in-process: the test pays for its imports once)."""
     if "gather_sweep" not in sys.modules:
@@ -197,13 +209,8 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, jobs):
 
 
 def test_pretrain_on_two_nodes(cluster, jobs):
-    job = jobs["pretrain"]
-    info = cluster.wait_finished(job, TIMEOUT)
-    log = log_of(jobs, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
-    # One launcher per node, with the node's machine rank, and one world of 2 over gloo.
-    ranks = dict(re.findall(r"node (\S+) \(.*\): machine rank (\d) of 2", log))
-    assert sorted(ranks.values()) == ["0", "1"] and len(ranks) == 2, log
+    log = completed_on_two_nodes(cluster, jobs, "pretrain")
+    # One world of 2 over gloo.
     assert "2 node(s) x 1 process(es)" in log
     config = json.loads((jobs["pretrain_dir"] / "run_config.json").read_text())
     assert re.search(r"world.size\W+2\b", log) or config.get("world_size") == 2, log
@@ -216,12 +223,7 @@ def test_pretrain_on_two_nodes(cluster, jobs):
 
 
 def test_finetune_on_two_nodes(cluster, jobs):
-    job = jobs["finetune"]
-    info = cluster.wait_finished(job, TIMEOUT)
-    log = log_of(jobs, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
-    ranks = dict(re.findall(r"node (\S+) \(.*\): machine rank (\d) of 2", log))
-    assert sorted(ranks.values()) == ["0", "1"] and len(ranks) == 2, log
+    completed_on_two_nodes(cluster, jobs, "finetune")
     metrics = json.loads((jobs["finetune_dir"] / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and "MULTI_CPU" in metrics["distributed_type"], metrics
     assert metrics["data_check"]["rows_on_several_ranks"] == 0, metrics
