@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+from ltgbert.checkpointing import enable_activation_checkpointing  # noqa: E402
 
 MODES = ("none", "full", "selective")
 
@@ -116,7 +117,7 @@ def build(args, mode: str, shape: common.Shape, batch):
     model = common.ltg_model(shape, args.seq_len)
     if mode != "none":
         model.config.gradient_checkpointing_mode = mode
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)  # what --gradient_checkpointing calls
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 

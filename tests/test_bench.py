@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import bench_checkpointing  # noqa: E402
+import bench_dropout  # noqa: E402
 import bench_model  # noqa: E402
 import gpu  # noqa: E402
 
@@ -31,6 +32,27 @@ def test_bench_model_tiny(tmp_path, capsys):
 def test_bench_model_bf16_tiny():
     results = bench_model.main(["--tiny", "--dtype", "bf16", "--no_bert"])
     assert "peak_bf16_flops" in results and results["models"]["ltg"]["mfu_bf16_peak"] > 0
+
+
+def test_bench_dropout_tiny_and_its_baseline_drops_the_same_elements():
+    import torch
+
+    from ltgbert.modeling_ltgbert import LtgBertDropout
+
+    results = bench_dropout.main(["--tiny"])
+    assert len(results) == 2
+    for entry in results.values():
+        assert set(entry) == {"ltg", "bool_mask", "torch"} and all(e["ms"] > 0 for e in entry.values())
+    # The frozen baseline reads the same random numbers: with one seed both give the same output and gradient.
+    x = torch.randn(5, 7, 9, requires_grad=True)
+    outputs = []
+    for module in (LtgBertDropout(0.2), bench_dropout.BoolMaskDropout(0.2)):
+        torch.manual_seed(1)
+        y = module.train()(x)
+        (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        outputs.append((y, grad))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+    assert (outputs[0][0] == 0).any()
 
 
 def test_bench_checkpointing_tiny(tmp_path):

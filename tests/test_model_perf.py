@@ -133,6 +133,23 @@ def test_fast_dropout_drops_at_rate_p_and_keeps_the_expectation(p):
     assert torch.allclose(lanes, torch.full_like(lanes, 1 - p), atol=5e-3), lanes
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_dropout_in_16_bit_floats_keeps_the_rate_and_the_mask(dtype):
+    """The 16-bit numbers are compared in float32, which holds them exactly: compared in bf16 (8-bit mantissa)
+    they round to multiples of 128 near the threshold, and p = 0.01 became a drop rate of 0.0088."""
+    from ltgbert.modeling_ltgbert import LtgBertDropout
+
+    x = torch.ones(1000, 1000, dtype=dtype, requires_grad=True)
+    torch.manual_seed(0)
+    y = LtgBertDropout(0.01).train()(x)
+    assert y.dtype == dtype
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.01) < 5e-4  # 1e6 draws: the standard deviation is 1e-4
+    assert torch.allclose(y[kept].float(), torch.full((int(kept.sum()),), 1 / 0.99), rtol=1e-2)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, y.detach())  # the same mask and scale in the backward
+
+
 def test_fast_dropout_follows_the_seed_and_the_mode():
     from ltgbert.modeling_ltgbert import LtgBertDropout
 
