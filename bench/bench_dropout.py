@@ -9,7 +9,8 @@ interleaved (A B C, C B A, ...) and the ratio to ``bool_mask`` is the median of 
 variants:
 
   ltg        ``ltgbert.modeling_ltgbert.LtgBertDropout`` as it is now: keeps the int16 random numbers for the
-             backward and builds a float multiplier from them (cast, in-place comparison, scale);
+             backward and builds a 0/1 float mask from them (cast, in-place comparison), then multiplies
+             and scales;
   bool_mask  the version committed before (6f7b81b), frozen below: a bool keep-mask, kept for the backward,
              multiplied into the float input (CPU TensorIterator casts the bool operand in a separate pass);
   torch      ``nn.Dropout`` (``bernoulli_`` into a float mask).
