@@ -181,12 +181,20 @@ class LtgBertAttention(nn.Module):
         Each table is flattened to [batch * heads, seq * buckets] and read with one index_select at a flat
         index (row q or k, column bucket(q, k)): on CPU this is about twice as fast as two gathers plus a
         transposed add, and its backward (index_add) beats gather's scatter_add.
+
+        On CPU, 16-bit tables are gathered in float32: ATen's index_select along dim 1 is about three times
+        slower for 2-byte types, and the casts cost less than that. Forward and backward are bit for bit those
+        of the 16-bit gather: the gather copies, and the sum and the backward's index_add are rounded to the
+        table dtype once either way (CPU index_add accumulates 16-bit floats in float32).
         """
         batch, heads, seq, buckets = c2p.shape
+        dtype = c2p.dtype
+        if c2p.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            c2p, p2c = c2p.float(), p2c.float()
         c2p_index, p2c_index = _flat_bucket_index(bucket_index, buckets)
         bias = c2p.reshape(batch * heads, seq * buckets).index_select(1, c2p_index)  # q.Kpos[b(q, k)]
         bias = bias + p2c.reshape(batch * heads, seq * buckets).index_select(1, p2c_index)  # k.Qpos[b(q, k)]
-        return bias.view(batch, heads, seq, seq)
+        return bias.view(batch, heads, seq, seq).to(dtype)
 
     def forward(self, hidden, relative, bucket_index, padding_mask, output_attentions=False, checkpoint=None):
         batch, seq, hidden_size = hidden.shape

@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import bench_bias_gather  # noqa: E402
 import bench_checkpointing  # noqa: E402
 import bench_dropout  # noqa: E402
 import bench_model  # noqa: E402
@@ -55,6 +56,12 @@ def test_bench_dropout_tiny_and_its_baseline_drops_the_same_elements():
             outputs.append((y, grad))
         assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1]), dtype
         assert (outputs[0][0] == 0).any()
+
+
+def test_bench_bias_gather_tiny():
+    results = bench_bias_gather.main(["--tiny"])
+    assert set(results) == {"through_fp32", "direct_16bit", "fp32_tables"}
+    assert all(e["ms"] > 0 and e["speed_vs_direct_16bit"] > 0 for e in results.values())
 
 
 def test_bench_checkpointing_tiny(tmp_path):

@@ -1,0 +1,81 @@
+"""The relative-position bias gather, forward + backward on CPU: 16-bit tables gathered through float32 (what
+LtgBertAttention.position_bias does) against the plain 16-bit gather it replaced, and the float32 gather.
+
+    OMP_NUM_THREADS=1 python bench/bench_bias_gather.py              # bf16, the small model's attention shapes
+    OMP_NUM_THREADS=1 python bench/bench_bias_gather.py --dtype fp16 --rounds 40
+
+Shapes: per-bucket tables [16, 6, 128, 63] (batch, heads, T, 2 * 32 - 1) into a [16, 6, 128, 128] bias, as in
+bench_model.py. Rounds are interleaved (A B C, C B A, ...); the ratio to ``direct_16bit`` is the median of
+per-round ratios; process CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ltgbert import LtgBertConfig  # noqa: E402
+from ltgbert.modeling_ltgbert import LtgBertAttention, _flat_bucket_index, log_bucket_indices  # noqa: E402
+
+
+def direct_position_bias(self, c2p, p2c, bucket_index):
+    """LtgBertAttention.position_bias as committed before (68bb65d): the gather in the tables' own dtype."""
+    batch, heads, seq, buckets = c2p.shape
+    c2p_index, p2c_index = _flat_bucket_index(bucket_index, buckets)
+    bias = c2p.reshape(batch * heads, seq * buckets).index_select(1, c2p_index)
+    bias = bias + p2c.reshape(batch * heads, seq * buckets).index_select(1, p2c_index)
+    return bias.view(batch, heads, seq, seq)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--tiny", action="store_true", help="small shapes, 2 rounds: a smoke test")
+    args = p.parse_args(argv)
+    batch, heads, seq, bucket_size = (2, 2, 16, 8) if args.tiny else (16, 6, 128, 32)
+    rounds = 2 if args.tiny else args.rounds
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    config = LtgBertConfig(hidden_size=heads * 8, num_attention_heads=heads, position_bucket_size=bucket_size)
+    now = LtgBertAttention(config)
+    direct = LtgBertAttention(config)
+    direct.position_bias = types.MethodType(direct_position_bias, direct)
+    bucket_index = log_bucket_indices(seq, seq, bucket_size, config.max_position_embeddings)
+    shape = (batch, heads, seq, 2 * bucket_size - 1)
+    tables16 = [torch.randn(shape).to(dtype).requires_grad_() for _ in range(2)]
+    tables32 = [t.detach().float().requires_grad_() for t in tables16]
+    grad16 = torch.randn(batch, heads, seq, seq).to(dtype)
+    variants = {"through_fp32": (now, tables16, grad16), "direct_16bit": (direct, tables16, grad16),
+                "fp32_tables": (now, tables32, grad16.float())}
+
+    def run(name, passes=5):
+        module, tables, grad = variants[name]
+        start = time.process_time()
+        for _ in range(passes):
+            torch.autograd.grad(module.position_bias(*tables, bucket_index), tables, grad)
+        return (time.process_time() - start) / passes
+
+    for name in variants:
+        run(name, 1)
+    seconds = {name: [] for name in variants}
+    for r in range(rounds):
+        for name in list(variants) if r % 2 == 0 else reversed(list(variants)):
+            seconds[name].append(run(name))
+    results = {name: {"ms": 1e3 * statistics.median(s),
+                      "speed_vs_direct_16bit": statistics.median(b / a for a, b in zip(s, seconds["direct_16bit"]))}
+               for name, s in seconds.items()}
+    print(f"bias gather {list(shape)} -> [{batch}, {heads}, {seq}, {seq}], {args.dtype}, forward + backward, "
+          f"{torch.get_num_threads()} threads, median of {rounds} interleaved rounds")
+    print("  ".join(f"{n} {e['ms']:.2f} ms ({e['speed_vs_direct_16bit']:.2f}x)" for n, e in results.items()))
+    return results
+
+
+if __name__ == "__main__":
+    main()
