@@ -5,8 +5,8 @@ LtgBertAttention.position_bias does) against the plain 16-bit gather it replaced
     OMP_NUM_THREADS=1 python bench/bench_bias_gather.py --dtype fp16 --rounds 40
 
 Shapes: per-bucket tables [16, 6, 128, 63] (batch, heads, T, 2 * 32 - 1) into a [16, 6, 128, 128] bias, as in
-bench_model.py. Rounds are interleaved (A B C, C B A, ...); the ratio to ``direct_16bit`` is the median of
-per-round ratios; process CPU time.
+bench_model.py. Rounds are interleaved (A B C, C B A, ...; common.interleaved), 5 passes each; the ratio to
+``direct_16bit`` is the median of per-round ratios; process CPU time.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+
+import common  # noqa: E402  (puts the repository root on sys.path)
 from ltgbert import LtgBertConfig  # noqa: E402
 from ltgbert.modeling_ltgbert import LtgBertAttention, _flat_bucket_index, log_bucket_indices  # noqa: E402
 
@@ -55,21 +56,12 @@ def main(argv=None) -> dict:
     variants = {"through_fp32": (now, tables16, grad16), "direct_16bit": (direct, tables16, grad16),
                 "fp32_tables": (now, tables32, grad16.float())}
 
-    def run(name, passes=5):
-        module, tables, grad = variants[name]
-        start = time.process_time()
-        for _ in range(passes):
-            torch.autograd.grad(module.position_bias(*tables, bucket_index), tables, grad)
-        return (time.process_time() - start) / passes
+    def step(module, tables, grad):
+        return lambda: torch.autograd.grad(module.position_bias(*tables, bucket_index), tables, grad)
 
-    for name in variants:
-        run(name, 1)
-    seconds = {name: [] for name in variants}
-    for r in range(rounds):
-        for name in list(variants) if r % 2 == 0 else reversed(list(variants)):
-            seconds[name].append(run(name))
+    seconds = common.interleaved({name: step(*v) for name, v in variants.items()}, 5, rounds, which="cpu")
     results = {name: {"ms": 1e3 * statistics.median(s),
-                      "speed_vs_direct_16bit": statistics.median(b / a for a, b in zip(s, seconds["direct_16bit"]))}
+                      "speed_vs_direct_16bit": common.median_ratio(seconds["direct_16bit"], s)}
                for name, s in seconds.items()}
     print(f"bias gather {list(shape)} -> [{batch}, {heads}, {seq}, {seq}], {args.dtype}, forward + backward, "
           f"{torch.get_num_threads()} threads, median of {rounds} interleaved rounds")

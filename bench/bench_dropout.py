@@ -5,8 +5,8 @@
 
 Shapes: a hidden-state dropout [16, 128, 384] and an attention-probability dropout [16, 6, 128, 128] of the
 small bench model (bench_model.py). Each variant runs 5 forward + backward passes per round; rounds are
-interleaved (A B C, C B A, ...) and the ratio to ``bool_mask`` is the median of per-round ratios. The
-variants:
+interleaved (A B C, C B A, ...; common.interleaved) and the ratio to ``bool_mask`` is the median of per-round
+ratios. The variants:
 
   ltg        ``ltgbert.modeling_ltgbert.LtgBertDropout`` as it is now: keeps the int16 random numbers for the
              backward and builds a 0/1 float mask from them (cast, in-place comparison), then multiplies
@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import common  # noqa: E402  (puts the repository root on sys.path)
 from ltgbert.modeling_ltgbert import LtgBertDropout  # noqa: E402
 
 
@@ -73,23 +74,16 @@ def main(argv=None) -> dict:
         x = torch.randn(shape, requires_grad=True)
         grad = torch.randn(shape)
 
-        def run(module):
-            start = time.process_time()
-            for _ in range(args.passes):
+        def step(module):
+            def run():
                 module(x).backward(grad)
                 x.grad = None
-            return (time.process_time() - start) / args.passes
+            return run
 
-        for module in modules.values():
-            module.train()
-            run(module)  # warm-up
-        seconds = {name: [] for name in modules}
-        for r in range(rounds):
-            for name in list(modules) if r % 2 == 0 else reversed(list(modules)):
-                seconds[name].append(run(modules[name]))
+        seconds = common.interleaved({name: step(m.train()) for name, m in modules.items()}, args.passes, rounds,
+                                     which="cpu")
         results[str(list(shape))] = {
-            name: {"ms": 1e3 * statistics.median(s),
-                   "speed_vs_bool_mask": statistics.median(b / a for a, b in zip(s, seconds["bool_mask"]))}
+            name: {"ms": 1e3 * statistics.median(s), "speed_vs_bool_mask": common.median_ratio(seconds["bool_mask"], s)}
             for name, s in seconds.items()
         }
     print(f"dropout p={args.p}, forward + backward, {torch.get_num_threads()} threads, process CPU time, "

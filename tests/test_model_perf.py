@@ -170,7 +170,9 @@ def test_fast_dropout_follows_the_seed_and_the_mode():
 def test_16_bit_bias_gather_through_float32_is_bitwise_the_16_bit_gather(tiny_config, dtype):
     """position_bias gathers 16-bit tables in float32 on CPU (a faster ATen path): bias and table gradients
     must be bit for bit those of the plain 16-bit gather-and-add."""
-    from ltgbert.modeling_ltgbert import LtgBertAttention, _flat_bucket_index, log_bucket_indices
+    from bench_bias_gather import direct_position_bias  # the 16-bit gather as committed before
+
+    from ltgbert.modeling_ltgbert import LtgBertAttention, log_bucket_indices
 
     attention = LtgBertAttention(tiny_config)
     batch, heads, seq, buckets = 2, tiny_config.num_attention_heads, 40, 2 * tiny_config.position_bucket_size - 1
@@ -182,9 +184,7 @@ def test_16_bit_bias_gather_through_float32_is_bitwise_the_16_bit_gather(tiny_co
     assert bias.dtype == dtype and bias.shape == (batch, heads, seq, seq)
     grads = torch.autograd.grad(bias, tables, grad)
 
-    c2p_index, p2c_index = _flat_bucket_index(bucket_index, buckets)
-    flat = [t.reshape(batch * heads, seq * buckets) for t in tables]
-    direct = (flat[0].index_select(1, c2p_index) + flat[1].index_select(1, p2c_index)).view_as(bias)
-    assert torch.equal(bias, direct)
+    direct = direct_position_bias(attention, *tables, bucket_index)
+    assert direct.dtype == dtype and torch.equal(bias, direct)
     for got, want in zip(grads, torch.autograd.grad(direct, tables, grad)):
         assert got.dtype == dtype and torch.equal(got, want)
