@@ -197,6 +197,7 @@ DIST_SCRIPT = textwrap.dedent(
         "broadcast": broadcast_object(acc, acc.process_index + 10), "state": state, "resume_exact": same,
         "files": sorted(p.name for p in path.iterdir()),
     }), flush=True)
+    acc.end_training()  # as the launch scripts do: the process group is torn down before the interpreter exits
     """
 )
 
