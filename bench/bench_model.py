@@ -3,7 +3,7 @@
     python bench/bench_model.py                          # small size, fp32, 16 x 128, AdamW
     python bench/bench_model.py --dtype bf16             # bf16 autocast (CPU: needs AVX512-BF16/AMX)
     python bench/bench_model.py --baseline               # also the pre-optimisation code, and torch's dropout
-    python bench/bench_model.py --compile                # torch.compile both models
+    python bench/bench_model.py --compile                # also both models with their layers compiled
     python bench/bench_model.py --tiny                   # seconds; the smoke test
 
 The small size: hidden 384, 12 layers, 6 heads, vocab 16384; LTG intermediate 1024 (GeGLU, 3 x 1024 x 384
@@ -38,7 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--layers", type=int, default=None, help="override the layer count (quick profiling)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile", action="store_true",
+                   help="also run both models with every encoder layer torch.compile-d (regional compilation, "
+                        "as launch/pretrain.py --torch_compile does for LTG): ltg_compiled, bert_compiled")
     p.add_argument("--baseline", action="store_true", help="also run LTG with the pre-optimisation layer code, and with torch's nn.Dropout")
     p.add_argument("--no_bert", action="store_true", help="LTG variants only (with --baseline: before/after)")
     p.add_argument("--matmul_size", type=int, default=2048)
@@ -57,17 +59,21 @@ def build_variants(args, shape):
     torch.manual_seed(0)
     batch = common.mlm_batch(shape.vocab, args.batch_size, args.seq_len)
     models = {"ltg": common.ltg_model(shape, args.seq_len)}
+    if args.compile:
+        models["ltg_compiled"] = common.ltg_model(shape, args.seq_len).compile_encoder_layers()
     if args.baseline:
         models["ltg_before"] = common.use_before_attention(common.ltg_model(shape, args.seq_len))
         models["ltg_nn_dropout"] = common.use_torch_dropout(common.ltg_model(shape, args.seq_len))
     if not args.no_bert:
         models["bert"] = common.bert_model(shape, args.seq_len)
+        if args.compile:
+            models["bert_compiled"] = common.bert_model(shape, args.seq_len)
+            for layer in models["bert_compiled"].bert.encoder.layer:
+                layer.compile()
     variants = {}
     for name, model in models.items():
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        if args.compile:
-            model = torch.compile(model)
         variants[name] = (model, common.train_step_fn(model, optimizer, batch, args.dtype))
     return variants, batch
 
@@ -118,6 +124,11 @@ def main(argv=None) -> dict:
     ratios = {}
     if "bert" in seconds:
         ratios["ltg/bert"] = common.median_ratio(seconds["bert"], seconds["ltg"])
+        if "ltg_compiled" in seconds:
+            ratios["ltg_compiled/bert"] = common.median_ratio(seconds["bert"], seconds["ltg_compiled"])
+            ratios["ltg_compiled/bert_compiled"] = common.median_ratio(seconds["bert_compiled"], seconds["ltg_compiled"])
+    if "ltg_compiled" in seconds:
+        ratios["ltg_compiled/ltg"] = common.median_ratio(seconds["ltg"], seconds["ltg_compiled"])
         if "ltg_before" in seconds:
             ratios["ltg_before/bert"] = common.median_ratio(seconds["bert"], seconds["ltg_before"])
     if "ltg_before" in seconds:

@@ -2,6 +2,7 @@
 
     python bench/bench_pretrain.py                      # small preset, 1 process; then 2-process DDP vs ZeRO
     python bench/bench_pretrain.py --preset tiny --steps 12 --rounds 1     # quick smoke run
+    python bench/bench_pretrain.py --compile_rounds 2 --rounds 0           # small preset, eager vs --torch_compile
 
 Runs the real entry point (launch/pretrain.py under `accelerate launch`) and reads the per-window figures the
 run logs itself (tokens/s, MFU against the peak it measured). Distributed variants run in interleaved rounds
@@ -25,14 +26,15 @@ from pretrain_utils import accelerate_cmd, env  # noqa: E402
 LINE = re.compile(r"^step (\d+) loss \S+ acc \S+ lr \S+ tok/s (\d+)")
 
 
-def run_once(workdir, corpus, tokenizer, preset, steps, processes, accelerate_config, batch, seq_len, tag):
+def run_once(workdir, corpus, tokenizer, preset, steps, processes, accelerate_config, batch, seq_len, tag,
+             extra=()):
     out = Path(workdir) / tag
     cmd = accelerate_cmd(processes, accelerate_config) + [
         "--train_file", str(corpus.corpus_train), "--validation_file", str(corpus.corpus_validation),
         "--tokenizer_name", str(tokenizer), "--config_name", preset, "--output_dir", str(out),
         "--overwrite_output_dir", "--max_steps", str(steps), "--logging_steps", str(max(1, steps // 4)),
         "--eval_steps", "0", "--save_steps", "0", "--max_eval_samples", "32", "--report_to", "tensorboard",
-        "--per_device_train_batch_size", str(batch), "--max_seq_length", str(seq_len), "--disable_tqdm",
+        "--per_device_train_batch_size", str(batch), "--max_seq_length", str(seq_len), "--disable_tqdm", *extra,
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env(OMP_NUM_THREADS="2"
                                                                                      if processes == 1 else "1"))
@@ -62,8 +64,11 @@ def main():
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of DDP/ZeRO runs")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of DDP/ZeRO runs (0: none)")
     parser.add_argument("--dist_preset", default="demo", help="model size for the 2-process comparison")
+    parser.add_argument("--compile_rounds", type=int, default=0,
+                        help="also run the single-process preset this many interleaved rounds without and with "
+                             "--torch_compile (the first logging window, which holds the compilation, is dropped)")
     args = parser.parse_args()
 
     from ltgbert.demo_data import ensure_demo_data
@@ -80,6 +85,22 @@ def main():
         print(f"{args.preset} preset, 1 process, batch {args.batch} x {args.seq_len}: "
               f"{rate:.0f} tokens/s, MFU {mfu:.1%} of the measured fp32 matmul rate")
 
+        if args.compile_rounds:
+            runs = {"eager": [], "compiled": []}
+            for r in range(args.compile_rounds):
+                for name in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
+                    extra = ("--torch_compile",) if name == "compiled" else ()
+                    runs[name].append(run_once(tmp, corpus, tokenizer, args.preset, args.steps, 1, None, args.batch,
+                                               args.seq_len, f"{name}-{r}", extra))
+            ratio = statistics.median(c[0] / e[0] for e, c in zip(runs["eager"], runs["compiled"]))
+            print(f"\n{args.preset} preset, 1 process, {args.compile_rounds} interleaved rounds (median tokens/s, MFU):")
+            for name, figures in runs.items():
+                print(f"{name:<10}{statistics.median(f[0] for f in figures):>10.0f} tokens/s"
+                      f"{statistics.median(f[1] for f in figures):>8.1%} MFU")
+            print(f"--torch_compile / eager: {ratio:.3f}x (median of per-round ratios)")
+
+        if not args.rounds:
+            return
         variants = ["ddp.yaml", "zero1.yaml", "zero2.yaml", "zero3.yaml"]
         rates = {v: [] for v in variants}
         for r in range(args.rounds):

@@ -60,7 +60,8 @@ class PretrainArguments:
         default=None, metadata={"help": "Continue pretraining from this Hugging Face model directory."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flex_attention."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
-    torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    torch_compile: bool = field(default=False, metadata={
+        "help": "torch.compile every encoder layer (regional compilation; fuses the element-wise work)."})
     torch_compile_backend: str = field(
         default="inductor", metadata={"help": "torch.compile backend (inductor; eager/aot_eager to debug)."})
     # ---- masking
@@ -373,6 +374,11 @@ def main(args: PretrainArguments):
         log_with=None if args.report_to == "none" else "tensorboard", project_dir=str(output_dir / "logs"),
     )
     set_seed(args.seed)
+    plugin = accelerator.state.deepspeed_plugin
+    if args.torch_compile and plugin is not None and plugin.zero_stage == 3:
+        # ZeRO-3 swaps the layers' weights for empty partitions between forwards; the compiler traces those.
+        raise UserError("--torch_compile does not work with DeepSpeed ZeRO stage 3 (partitioned weights); "
+                        "drop --torch_compile or use ZeRO-1/2 or DDP")
     resume_path = None
     if args.resume_from_checkpoint == "latest":
         resume_path = find_latest_checkpoint(output_dir)
@@ -443,9 +449,11 @@ def main(args: PretrainArguments):
         ds_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
         ds_config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
         ds_config["gradient_clipping"] = args.max_grad_norm
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if args.torch_compile:
-        model = torch.compile(model, backend=args.torch_compile_backend)
+        # Regional compilation: each encoder layer is compiled in place (one compilation serves all layers)
+        # and the model keeps its modules and state-dict keys for checkpointing and the distributed wrappers.
+        model.compile_encoder_layers(backend=args.torch_compile_backend)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     run_config = resolved_config(args) | {"world_size": accelerator.num_processes,
                                           "distributed_type": str(accelerator.distributed_type),
                                           "mixed_precision": accelerator.mixed_precision,

@@ -120,6 +120,35 @@ def test_two_processes_match_single_process(preset, distributed_type, distribute
             torch.testing.assert_close(again[name], tensor, atol=1e-6, rtol=0, msg=name)
 
 
+def test_compiled_layers_under_ddp_match_single_process(distributed_runs, reference_run, corpus, tokenizer_dir,
+                                                        no_dropout_config, tmp_path):
+    """--torch_compile (every encoder layer compiled in place) inside DDP on 2 processes: the ranks train on
+    different halves of the global batch (world size 2) and reproduce the eager single-process run. AOTAutograd
+    without code generation, which traces what inductor compiles (tests/test_model_perf.py runs inductor)."""
+    _, ref_losses = reference_run
+    out = tmp_path / "compiled"
+    result = run(accelerate_cmd(2, "ddp.yaml") + tiny_args(
+        corpus, tokenizer_dir, out, config_name=no_dropout_config, torch_compile=True,
+        torch_compile_backend="aot_eager"))
+    config = run_config(out)
+    assert config["world_size"] == 2 and config["torch_compile"]
+    losses = logged_losses(result.stdout)
+    assert sorted(losses) == list(range(1, 7))
+    assert losses[1] == pytest.approx(ref_losses[1], rel=1e-4)  # the two halves make the whole batch
+    _, eager = distributed_runs("ddp.yaml")
+    eager_losses = logged_losses(eager.stdout)
+    for step in range(1, 7):
+        assert losses[step] == pytest.approx(eager_losses[step], rel=1e-4), (step, losses, eager_losses)
+
+
+def test_compile_with_zero3_is_refused(corpus, tokenizer_dir, tmp_path):
+    result = run(accelerate_cmd(1, "zero3.yaml") + tiny_args(corpus, tokenizer_dir, tmp_path / "run",
+                                                             torch_compile=True), check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1 and "ZeRO stage 3" in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 # ----------------------------------------------------------------------------- resume and faults
 
 
