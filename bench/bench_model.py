@@ -41,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="also run both models with every encoder layer torch.compile-d (regional compilation, "
                         "as launch/pretrain.py --torch_compile does for LTG): ltg_compiled, bert_compiled")
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --compile")
     p.add_argument("--baseline", action="store_true", help="also run LTG with the pre-optimisation layer code, and with torch's nn.Dropout")
     p.add_argument("--no_bert", action="store_true", help="LTG variants only (with --baseline: before/after)")
     p.add_argument("--matmul_size", type=int, default=2048)
@@ -60,7 +61,8 @@ def build_variants(args, shape):
     batch = common.mlm_batch(shape.vocab, args.batch_size, args.seq_len)
     models = {"ltg": common.ltg_model(shape, args.seq_len)}
     if args.compile:
-        models["ltg_compiled"] = common.ltg_model(shape, args.seq_len).compile_encoder_layers()
+        models["ltg_compiled"] = common.ltg_model(shape, args.seq_len).compile_encoder_layers(
+            backend=args.compile_backend)
     if args.baseline:
         models["ltg_before"] = common.use_before_attention(common.ltg_model(shape, args.seq_len))
         models["ltg_nn_dropout"] = common.use_torch_dropout(common.ltg_model(shape, args.seq_len))
@@ -69,7 +71,7 @@ def build_variants(args, shape):
         if args.compile:
             models["bert_compiled"] = common.bert_model(shape, args.seq_len)
             for layer in models["bert_compiled"].bert.encoder.layer:
-                layer.compile()
+                layer.compile(backend=args.compile_backend)
     variants = {}
     for name, model in models.items():
         model.train()
@@ -127,10 +129,10 @@ def main(argv=None) -> dict:
         if "ltg_compiled" in seconds:
             ratios["ltg_compiled/bert"] = common.median_ratio(seconds["bert"], seconds["ltg_compiled"])
             ratios["ltg_compiled/bert_compiled"] = common.median_ratio(seconds["bert_compiled"], seconds["ltg_compiled"])
-    if "ltg_compiled" in seconds:
-        ratios["ltg_compiled/ltg"] = common.median_ratio(seconds["ltg"], seconds["ltg_compiled"])
         if "ltg_before" in seconds:
             ratios["ltg_before/bert"] = common.median_ratio(seconds["bert"], seconds["ltg_before"])
+    if "ltg_compiled" in seconds:
+        ratios["ltg_compiled/ltg"] = common.median_ratio(seconds["ltg"], seconds["ltg_compiled"])
     if "ltg_before" in seconds:
         ratios["ltg/ltg_before"] = common.median_ratio(seconds["ltg_before"], seconds["ltg"])
         ratios["ltg/ltg_nn_dropout"] = common.median_ratio(seconds["ltg_nn_dropout"], seconds["ltg"])

@@ -30,6 +30,18 @@ def test_bench_model_tiny(tmp_path, capsys):
     assert "speed ratio ltg/bert" in capsys.readouterr().out
 
 
+def test_bench_model_compile_tiny():
+    """--compile runs both models with their layers compiled beside the eager ones (AOTAutograd here; the
+    bench's default backend, inductor, is exercised by tests/test_model_perf.py)."""
+    import torch
+
+    torch._dynamo.reset()
+    results = bench_model.main(["--tiny", "--compile", "--compile_backend", "aot_eager"])
+    assert set(results["models"]) == {"ltg", "ltg_compiled", "bert", "bert_compiled"}
+    assert set(results["ratios"]) == {"ltg/bert", "ltg_compiled/bert", "ltg_compiled/bert_compiled", "ltg_compiled/ltg"}
+    assert all(r > 0 for r in results["ratios"].values()) and results["compile"]
+
+
 def test_bench_model_bf16_tiny():
     results = bench_model.main(["--tiny", "--dtype", "bf16", "--no_bert"])
     assert "peak_bf16_flops" in results and results["models"]["ltg"]["mfu_bf16_peak"] > 0
