@@ -351,6 +351,14 @@ def run_blimp(accelerator, model, tokenizer, pairs):
 # ----------------------------------------------------------------------------- main
 
 
+def check_compile_supported(torch_compile: bool, deepspeed_plugin) -> None:
+    """--torch_compile with DeepSpeed ZeRO-3 is refused: ZeRO-3 swaps the layers' weights for empty partitions
+    between forwards, and the compiler traces those (the run would fail at its first step)."""
+    if torch_compile and deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3:
+        raise UserError("--torch_compile does not work with DeepSpeed ZeRO stage 3 (partitioned weights); "
+                        "drop --torch_compile or use ZeRO-1/2 or DDP")
+
+
 def main(args: PretrainArguments):
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -374,11 +382,7 @@ def main(args: PretrainArguments):
         log_with=None if args.report_to == "none" else "tensorboard", project_dir=str(output_dir / "logs"),
     )
     set_seed(args.seed)
-    plugin = accelerator.state.deepspeed_plugin
-    if args.torch_compile and plugin is not None and plugin.zero_stage == 3:
-        # ZeRO-3 swaps the layers' weights for empty partitions between forwards; the compiler traces those.
-        raise UserError("--torch_compile does not work with DeepSpeed ZeRO stage 3 (partitioned weights); "
-                        "drop --torch_compile or use ZeRO-1/2 or DDP")
+    check_compile_supported(args.torch_compile, accelerator.state.deepspeed_plugin)
     resume_path = None
     if args.resume_from_checkpoint == "latest":
         resume_path = find_latest_checkpoint(output_dir)

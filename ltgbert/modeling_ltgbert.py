@@ -347,11 +347,11 @@ class LtgBertFeedForward(nn.Module):
 
     def activate(self, value, gate):
         if torch.compiler.is_compiling():
-            # The same GELU (tanh form), written as gate * sigmoid(2u) = 0.5 * gate * (1 + tanh(u)), with
-            # u = sqrt(2 / pi) * (gate + 0.044715 * gate^3): inductor's CPU code for exp is faster than its tanh
+            # The same GELU (tanh form): 0.5 * gate * (1 + tanh(u)) = gate / (1 + exp(-2u)), with
+            # u = sqrt(2 / pi) * (gate + 0.044715 * gate^3). Inductor's CPU code for exp is faster than its tanh
             # (GeGLU with its norm, forward + backward: 10.9 vs 16.2 ms on [2048, 1024]).
-            u = gate * (2 * _SQRT_2_OVER_PI) * (1 + 0.044715 * gate * gate)
-            return self.inner_norm(value * gate / (1 + torch.exp(-u)))
+            two_u = gate * (2 * _SQRT_2_OVER_PI) * (1 + 0.044715 * gate * gate)
+            return self.inner_norm(value * gate / (1 + torch.exp(-two_u)))
         return self.inner_norm(value * F.gelu(gate, approximate="tanh"))  # GeGLU, then the NormFormer norm
 
 
@@ -440,9 +440,9 @@ class LtgBertPreTrainedModel(PreTrainedModel):
     def compile_encoder_layers(self, **compile_kwargs):
         """Compile every encoder layer in place with ``torch.compile`` (regional compilation).
 
-        The layers share one code path, so one compilation serves all of them (seconds on a CPU, where
-        compiling the whole model takes minutes), and the model's modules and state-dict keys stay as they
-        were: checkpoints, ``save_pretrained`` and distributed wrappers see an ordinary model. What the
+        The layers share one code path, so one compilation serves all of them whatever the depth, and the
+        model's modules and state-dict keys stay as they were: checkpoints, ``save_pretrained`` and
+        distributed wrappers (DDP, ZeRO-1/2) see an ordinary model. What the
         compiler gains is the fusion of each layer's element-wise work (norms, GeGLU, dropout masks, softmax)
         around the matmuls. ``compile_kwargs`` go to ``nn.Module.compile`` (backend, mode, dynamic, ...).
         """

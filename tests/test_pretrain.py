@@ -24,6 +24,8 @@ from pretrain_utils import (
 sys.path.insert(0, str(ROOT / "launch"))
 import pretrain  # noqa: E402
 
+from ltgbert.errors import UserError  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def corpus(demo_data):
@@ -62,6 +64,11 @@ def reference_run(corpus, tokenizer_dir, no_dropout_config, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- distributed table
 
+# DDP runs with --torch_compile (every encoder layer compiled; AOTAutograd without code generation, which
+# traces what inductor compiles): the compiled layers must reproduce the single-process eager run on 2 ranks.
+# Plain DDP is run by test_non_finite_step_is_skipped_on_every_rank; inductor by tests/test_model_perf.py.
+COMPILED = {"ddp.yaml": {"torch_compile": True, "torch_compile_backend": "aot_eager"}}
+
 DISTRIBUTED = [
     ("ddp.yaml", "DistributedType.MULTI_CPU"),
     ("zero1.yaml", "DistributedType.DEEPSPEED"),
@@ -80,7 +87,8 @@ def distributed_runs(corpus, tokenizer_dir, no_dropout_config, tmp_path_factory)
         if preset not in done:
             out = tmp_path_factory.mktemp(preset.replace(".yaml", ""))
             result = run(accelerate_cmd(2, preset) + tiny_args(corpus, tokenizer_dir, out, save_steps=3,
-                                                               config_name=no_dropout_config))
+                                                               config_name=no_dropout_config,
+                                                               **COMPILED.get(preset, {})))
             done[preset] = (out, result)
         return done[preset]
 
@@ -93,6 +101,7 @@ def test_two_processes_match_single_process(preset, distributed_type, distribute
     out, result = distributed_runs(preset)
     config = run_config(out)
     assert config["world_size"] == 2 and config["distributed_type"] == distributed_type
+    assert config["torch_compile"] == (preset in COMPILED)
     losses = logged_losses(result.stdout)
     assert sorted(losses) == sorted(ref_losses) == list(range(1, 7))
     # Same initial weights, same global batch: step 1 agrees to float rounding. Later steps differ slightly
@@ -120,33 +129,17 @@ def test_two_processes_match_single_process(preset, distributed_type, distribute
             torch.testing.assert_close(again[name], tensor, atol=1e-6, rtol=0, msg=name)
 
 
-def test_compiled_layers_under_ddp_match_single_process(distributed_runs, reference_run, corpus, tokenizer_dir,
-                                                        no_dropout_config, tmp_path):
-    """--torch_compile (every encoder layer compiled in place) inside DDP on 2 processes: the ranks train on
-    different halves of the global batch (world size 2) and reproduce the eager single-process run. AOTAutograd
-    without code generation, which traces what inductor compiles (tests/test_model_perf.py runs inductor)."""
-    _, ref_losses = reference_run
-    out = tmp_path / "compiled"
-    result = run(accelerate_cmd(2, "ddp.yaml") + tiny_args(
-        corpus, tokenizer_dir, out, config_name=no_dropout_config, torch_compile=True,
-        torch_compile_backend="aot_eager"))
-    config = run_config(out)
-    assert config["world_size"] == 2 and config["torch_compile"]
-    losses = logged_losses(result.stdout)
-    assert sorted(losses) == list(range(1, 7))
-    assert losses[1] == pytest.approx(ref_losses[1], rel=1e-4)  # the two halves make the whole batch
-    _, eager = distributed_runs("ddp.yaml")
-    eager_losses = logged_losses(eager.stdout)
-    for step in range(1, 7):
-        assert losses[step] == pytest.approx(eager_losses[step], rel=1e-4), (step, losses, eager_losses)
+def test_compile_with_zero3_is_refused():
+    """The check main() runs right after building the accelerator, against accelerate's own plugin objects."""
+    from accelerate.utils import DeepSpeedPlugin
 
-
-def test_compile_with_zero3_is_refused(corpus, tokenizer_dir, tmp_path):
-    result = run(accelerate_cmd(1, "zero3.yaml") + tiny_args(corpus, tokenizer_dir, tmp_path / "run",
-                                                             torch_compile=True), check=False)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.returncode != 0 and len(errors) == 1 and "ZeRO stage 3" in errors[0], result.stderr[-2000:]
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    zero3 = DeepSpeedPlugin(hf_ds_config=str(ROOT / "ds_configs" / "zero3.json"))
+    with pytest.raises(UserError, match="ZeRO stage 3") as error:
+        pretrain.check_compile_supported(True, zero3)
+    assert "\n" not in str(error.value)
+    pretrain.check_compile_supported(False, zero3)
+    pretrain.check_compile_supported(True, DeepSpeedPlugin(hf_ds_config=str(ROOT / "ds_configs" / "zero2.json")))
+    pretrain.check_compile_supported(True, None)  # DDP or one process
 
 
 # ----------------------------------------------------------------------------- resume and faults
