@@ -110,15 +110,11 @@ def _compiled_draw_bits():
     copy of this file (remote code next to the installed package) reuses the first registration.
     """
     if not hasattr(torch.ops.ltgbert, "dropout_bits"):
-
-        @torch.library.custom_op("ltgbert::dropout_bits", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-        def dropout_bits(x: torch.Tensor) -> torch.Tensor:
-            return _draw_bits(x)
-
-        @dropout_bits.register_fake
-        def _(x):
-            return torch.empty(x.shape, dtype=torch.int16, device=x.device)
-
+        # torch.library.define/impl/register_fake rather than custom_op, whose tags argument needs torch 2.8.
+        name = "ltgbert::dropout_bits"
+        torch.library.define(name, "(Tensor x) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,))
+        torch.library.impl(name, "CompositeExplicitAutograd", _draw_bits)
+        torch.library.register_fake(name, lambda x: torch.empty(x.shape, dtype=torch.int16, device=x.device))
     return torch.ops.ltgbert.dropout_bits
 
 
