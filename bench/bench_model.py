@@ -128,7 +128,8 @@ def main(argv=None) -> dict:
         ratios["ltg/bert"] = common.median_ratio(seconds["bert"], seconds["ltg"])
         if "ltg_compiled" in seconds:
             ratios["ltg_compiled/bert"] = common.median_ratio(seconds["bert"], seconds["ltg_compiled"])
-            ratios["ltg_compiled/bert_compiled"] = common.median_ratio(seconds["bert_compiled"], seconds["ltg_compiled"])
+            ratios["ltg_compiled/bert_compiled"] = common.median_ratio(seconds["bert_compiled"],
+                                                                       seconds["ltg_compiled"])
         if "ltg_before" in seconds:
             ratios["ltg_before/bert"] = common.median_ratio(seconds["bert"], seconds["ltg_before"])
     if "ltg_compiled" in seconds:

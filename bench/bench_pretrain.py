@@ -93,7 +93,8 @@ def main():
                     runs[name].append(run_once(tmp, corpus, tokenizer, args.preset, args.steps, 1, None, args.batch,
                                                args.seq_len, f"{name}-{r}", extra))
             ratio = statistics.median(c[0] / e[0] for e, c in zip(runs["eager"], runs["compiled"]))
-            print(f"\n{args.preset} preset, 1 process, {args.compile_rounds} interleaved rounds (median tokens/s, MFU):")
+            print(f"\n{args.preset} preset, 1 process, {args.compile_rounds} interleaved rounds "
+                  "(median tokens/s, MFU):")
             for name, figures in runs.items():
                 print(f"{name:<10}{statistics.median(f[0] for f in figures):>10.0f} tokens/s"
                       f"{statistics.median(f[1] for f in figures):>8.1%} MFU")

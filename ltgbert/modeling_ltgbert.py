@@ -438,9 +438,9 @@ class LtgBertPreTrainedModel(PreTrainedModel):
 
         The layers share one code path, so one compilation serves all of them whatever the depth, and the
         model's modules and state-dict keys stay as they were: checkpoints, ``save_pretrained`` and
-        distributed wrappers (DDP, ZeRO-1/2) see an ordinary model. What the
-        compiler gains is the fusion of each layer's element-wise work (norms, GeGLU, dropout masks, softmax)
-        around the matmuls. ``compile_kwargs`` go to ``nn.Module.compile`` (backend, mode, dynamic, ...).
+        distributed wrappers (DDP, ZeRO-1/2) see an ordinary model. What the compiler gains is the fusion of
+        each layer's element-wise work (norms, GeGLU, dropout masks, softmax) around the matmuls.
+        ``compile_kwargs`` go to ``nn.Module.compile`` (backend, mode, dynamic, ...).
         """
         for layer in self.base_model.encoder.layers:
             layer.compile(**compile_kwargs)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ltgbert import LtgBertForMaskedLM, LtgBertModel
+from ltgbert.checkpointing import enable_activation_checkpointing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import common  # noqa: E402
@@ -209,7 +210,7 @@ def _eager_and_compiled(config, backend, checkpointing=None):
     for model in (eager, compiled):
         if checkpointing is not None:
             model.config.gradient_checkpointing_mode = checkpointing
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model, use_reentrant=False)  # what --gradient_checkpointing calls
         torch.manual_seed(3)
         results.append(_loss_and_grads(model, _batch()))
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # regional: no _orig_mod. prefixes
