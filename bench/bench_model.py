@@ -1,13 +1,15 @@
 """Training throughput of LtgBertForMaskedLM against transformers' BertForMaskedLM at the same parameter count.
 
-    python bench/bench_model.py                          # small size, fp32, 16 x 128, AdamW
+    python bench/bench_model.py                          # small size, fp32, 16 x 128, AdamW (fused)
+    python bench/bench_model.py --size base              # the published size: hidden 768, 12 layers, 12 heads
     python bench/bench_model.py --dtype bf16             # bf16 autocast (CPU: needs AVX512-BF16/AMX)
     python bench/bench_model.py --baseline               # also the pre-optimisation code, and torch's dropout
     python bench/bench_model.py --compile                # also both models with their layers compiled
     python bench/bench_model.py --tiny                   # seconds; the smoke test
 
 The small size: hidden 384, 12 layers, 6 heads, vocab 16384; LTG intermediate 1024 (GeGLU, 3 x 1024 x 384
-weights) vs BERT intermediate 1536 (2 x 1536 x 384): the same number of encoder weights. 15% of the tokens
+weights) vs BERT intermediate 1536 (2 x 1536 x 384): the same number of encoder weights. Base: hidden 768,
+12 heads, LTG intermediate 2048 vs BERT 3072. Every variant steps with the same optimizer (--optimizer). 15% of the tokens
 are labelled; LTG projects onto the vocabulary only at those rows, BERT computes full logits as transformers
 does (the baseline users have). Variants run in interleaved rounds in one process; tokens/s are medians over
 rounds, the ratio is the median of per-round ratios, and MFU is the useful model FLOP rate (common.model_flops)
@@ -28,11 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+from ltgbert.optimization import Lamb, adamw, param_groups  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--size", choices=["small", "base"], default="small",
+                   help="small: hidden 384, 12 layers; base: hidden 768, 12 layers, 12 heads (the published size)")
+    p.add_argument("--optimizer", choices=["adamw", "adamw_unfused", "lamb"], default="adamw",
+                   help="adamw: ltgbert.optimization.adamw (torch's fused kernel, as launch/ uses it); "
+                        "adamw_unfused: torch.optim.AdamW's own CPU default (before this option); lamb: ours")
     p.add_argument("--steps", type=int, default=2, help="training steps per variant per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seq_len", type=int, default=128)
@@ -75,14 +83,20 @@ def build_variants(args, shape):
     variants = {}
     for name, model in models.items():
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        variants[name] = (model, common.train_step_fn(model, optimizer, batch, args.dtype))
+        variants[name] = (model, common.train_step_fn(model, make_optimizer(args.optimizer, model), batch, args.dtype))
     return variants, batch
+
+
+def make_optimizer(name, model):
+    if name == "lamb":
+        return Lamb(param_groups(model, 0.01), lr=1e-4, weight_decay=0.01)
+    groups = [{"params": list(model.parameters())}]
+    return adamw(groups, lr=1e-4) if name == "adamw" else torch.optim.AdamW(groups, lr=1e-4)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    shape = common.Shape.tiny() if args.tiny else common.Shape()
+    shape = common.Shape.tiny() if args.tiny else common.Shape.base() if args.size == "base" else common.Shape()
     if args.layers is not None:
         shape.layers = args.layers
     torch_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -105,7 +119,8 @@ def main(argv=None) -> dict:
                                  on_round=on_round, which=which)
 
     results = {
-        "shape": vars(shape), "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "shape": vars(shape), "size": "tiny" if args.tiny else args.size, "optimizer": args.optimizer,
+        "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "steps": args.steps, "rounds": args.rounds, "compile": args.compile, "n_masked": n_masked,
         "model_flops_per_step": flops, "threads": torch.get_num_threads(), "clock": which,
         "peak_fp32_flops": statistics.median(peaks["fp32"]), "models": {},
@@ -145,7 +160,8 @@ def main(argv=None) -> dict:
 
 
 def report(results: dict) -> None:
-    print(f"{results['dtype']}  batch {results['batch_size']} x {results['seq_len']}  {results['threads']} threads  "
+    print(f"{results['size']}  {results['dtype']}  {results['optimizer']}  batch {results['batch_size']} x "
+          f"{results['seq_len']}  {results['threads']} threads  "
           f"compile={results['compile']}  masked {results['n_masked']}  clock {results['clock']}  "
           f"model GFLOP/step {results['model_flops_per_step'] / 1e9:.1f}")
     peak_line = f"measured matmul peak: fp32 {results['peak_fp32_flops'] / 1e9:.1f} GFLOP/s"

@@ -57,7 +57,7 @@ from ltgbert.checkpointing import (  # noqa: E402
 from ltgbert.distributed import all_ranks_any, make_accelerator  # noqa: E402
 from ltgbert.errors import UserError  # noqa: E402
 from ltgbert.metrics import METRIC_NAMES, compute_metrics, default_metric, is_better, logits_to_predictions  # noqa: E402
-from ltgbert.optimization import OPTIMIZERS, SCHEDULERS, Lamb, get_lr_scheduler, param_groups  # noqa: E402
+from ltgbert.optimization import OPTIMIZERS, SCHEDULERS, Lamb, adamw, get_lr_scheduler, param_groups  # noqa: E402
 from ltgbert.preemption import EXIT_PREEMPTED, PreemptionHandler  # noqa: E402
 from ltgbert.tasks import (  # noqa: E402
     DEMO_TASKS,
@@ -388,8 +388,8 @@ def main(args: FinetuneArguments) -> dict[str, Any]:
     if args.optimizer == "lamb":
         optimizer = Lamb(groups, lr=args.learning_rate, betas=betas, eps=args.adam_epsilon, weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=betas, eps=args.adam_epsilon,
-                                      weight_decay=args.weight_decay)
+        optimizer = adamw(groups, lr=args.learning_rate, betas=betas, eps=args.adam_epsilon,
+                          weight_decay=args.weight_decay)
 
     # -------------------------------------------------------------------------------------------- prepare
     ds_plugin = accelerator.state.deepspeed_plugin

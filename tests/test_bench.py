@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from ltgbert.optimization import Lamb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -40,6 +43,19 @@ def test_bench_model_compile_tiny():
     assert set(results["models"]) == {"ltg", "ltg_compiled", "bert", "bert_compiled"}
     assert set(results["ratios"]) == {"ltg/bert", "ltg_compiled/bert", "ltg_compiled/bert_compiled", "ltg_compiled/ltg"}
     assert all(r > 0 for r in results["ratios"].values()) and results["compile"]
+
+
+def test_bench_model_base_size_with_lamb():
+    """--size base builds the published width (one layer here, to stay fast); --optimizer picks what steps
+    every variant: lamb is ours, adamw is the fused kernel launch/ uses, adamw_unfused torch's CPU default."""
+    results = bench_model.main(["--size", "base", "--layers", "1", "--batch_size", "2", "--seq_len", "16",
+                                "--steps", "1", "--rounds", "1", "--matmul_size", "256", "--optimizer", "lamb"])
+    assert results["shape"]["hidden"] == 768 and results["shape"]["heads"] == 12 and results["optimizer"] == "lamb"
+    assert results["models"]["ltg"]["params"] == pytest.approx(results["models"]["bert"]["params"], rel=0.05)
+    model = torch.nn.Linear(4, 4)
+    assert isinstance(bench_model.make_optimizer("lamb", model), Lamb)
+    assert bench_model.make_optimizer("adamw", model).defaults["fused"] is True
+    assert not bench_model.make_optimizer("adamw_unfused", model).defaults["fused"]
 
 
 def test_bench_model_bf16_tiny():

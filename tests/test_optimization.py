@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from ltgbert.errors import UserError
-from ltgbert.optimization import Lamb, build_optimizer, get_lr_scheduler, param_groups
+from ltgbert.optimization import (Lamb, _foreach_adam_direction, _fused_adam_direction, build_optimizer,
+                                  get_lr_scheduler, param_groups)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from bench_lamb import ReferenceLamb  # noqa: E402  (the LTG-BERT per-parameter loop)
@@ -44,8 +45,9 @@ def _grads(model, seed):
     model(torch.randint(0, 50, (4, 10))).backward()
 
 
-@pytest.mark.parametrize("weight_decay,cpu_chunk_numel", [(0.0, None), (0.1, None), (0.1, 100)])
-def test_lamb_matches_reference(weight_decay, cpu_chunk_numel):
+@pytest.mark.parametrize("weight_decay,cpu_chunk_numel,fused", [(0.0, None, True), (0.1, None, True),
+                                                                 (0.1, 100, True), (0.1, None, False)])
+def test_lamb_matches_reference(weight_decay, cpu_chunk_numel, fused):
     torch.manual_seed(0)
     model = TinyNet()
     ref_model = copy.deepcopy(model)
@@ -53,6 +55,7 @@ def test_lamb_matches_reference(weight_decay, cpu_chunk_numel):
     opt = Lamb(groups, lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=weight_decay)
     if cpu_chunk_numel is not None:
         opt.cpu_chunk_numel = cpu_chunk_numel  # several _foreach chunks per group
+    opt.cpu_fused_adam = fused  # False: the _foreach direction GPUs take
     ref_opt = ReferenceLamb(param_groups(ref_model, weight_decay), lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
     for step in range(6):
         _grads(model, step)
@@ -89,6 +92,52 @@ def test_lamb_always_adapt_and_clamp():
     w.grad = torch.ones(4, 4)
     Lamb([w], lr=1.0, weight_decay=0.1, clamp_trust_ratio=1e-9).step()
     assert torch.allclose(w, torch.ones(4, 4), atol=1e-7)
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_adam_direction_matches_foreach(bias_correction, dtype):
+    """The CPU path (torch's fused Adam kernel into zeroed buffers) against the _foreach path the GPU takes:
+    the same running averages and directions, tensors at different steps, a tensor of zeros included."""
+    gen = torch.Generator().manual_seed(0)
+    shapes, steps = [(7, 5), (3,), (2, 4, 6), (1,)], [1, 3, 10, 1000]
+
+    def tensors(scale, zero_last=False):
+        out = [(torch.randn(s, generator=gen) * scale).to(dtype) for s in shapes]
+        if zero_last:
+            out[-1].zero_()
+        return out
+
+    params, grads, m = tensors(1.0), tensors(1e-2, zero_last=True), tensors(1e-2)
+    v = [x.abs() for x in tensors(1e-4)]
+    m2, v2 = [x.clone() for x in m], [x.clone() for x in v]
+    fused = _fused_adam_direction(params, grads, m, v, steps, 0.9, 0.98, 1e-6, bias_correction)
+    reference = _foreach_adam_direction(grads, m2, v2, steps, 0.9, 0.98, 1e-6, bias_correction)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    for got, want in zip([*fused, *m, *v], [*reference, *m2, *v2]):
+        assert got.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **tol)
+    for u, m_t, v_t, t in zip(fused, m, v, steps):  # the formula itself, with the averages as updated
+        c1, c2 = (1 - 0.9**t, 1 - 0.98**t) if bias_correction else (1.0, 1.0)
+        torch.testing.assert_close(u.float(), (m_t.float() / c1) / ((v_t.float() / c2).sqrt() + 1e-6), **tol)
+
+
+def test_build_optimizer_adamw_is_fused_on_cpu():
+    """torch takes its per-tensor loop on CPU unless told otherwise; "adamw" asks for the fused kernel, which
+    then steps like the loop."""
+    torch.manual_seed(0)
+    model, twin = TinyNet(), TinyNet()
+    twin.load_state_dict(model.state_dict())
+    fused = build_optimizer("adamw", model, 1e-2, (0.9, 0.98), 1e-6, 0.1)
+    loop = torch.optim.AdamW(param_groups(twin, 0.1), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, foreach=False)
+    assert fused.defaults["fused"] is True and not loop.defaults["fused"]
+    for step in range(3):
+        _grads(model, step)
+        _grads(twin, step)
+        fused.step()
+        loop.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
 
 
 def test_lamb_state_dict_round_trip():
