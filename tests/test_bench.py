@@ -92,6 +92,14 @@ def test_bench_bias_gather_tiny():
     assert all(e["ms"] > 0 and e["speed_vs_direct_16bit"] > 0 for e in results.values())
 
 
+def test_bench_bias_gather_compiled_tiny():
+    """--compile: the compiled layer's gather form and the eager path's flat index, equal in value and
+    gradient (the bench checks that before it times)."""
+    torch._dynamo.reset()
+    results = bench_bias_gather.main(["--tiny", "--compile", "--compile_backend", "aot_eager"])
+    assert set(results) == {"gather", "flat_index"} and all(e["ms"] > 0 for e in results.values())
+
+
 def test_bench_checkpointing_tiny(tmp_path):
     results = bench_checkpointing.main(["--tiny", "--json", str(tmp_path / "ckpt.json")])
     assert set(results["modes"]) == {"none", "full", "selective"}
