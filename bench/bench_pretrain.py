@@ -3,6 +3,7 @@
     python bench/bench_pretrain.py                      # small preset, 1 process; then 2-process DDP vs ZeRO
     python bench/bench_pretrain.py --preset tiny --steps 12 --rounds 1     # quick smoke run
     python bench/bench_pretrain.py --compile_rounds 2 --rounds 0           # small preset, eager vs --torch_compile
+    python bench/bench_pretrain.py --compile_rounds 4 --rounds 0 --vs_tree /tmp/before   # this checkout vs another
 
 Runs the real entry point (launch/pretrain.py under `accelerate launch`) and reads the per-window figures the
 run logs itself (tokens/s, MFU against the peak it measured). Distributed variants run in interleaved rounds
@@ -27,17 +28,19 @@ LINE = re.compile(r"^step (\d+) loss \S+ acc \S+ lr \S+ tok/s (\d+)")
 
 
 def run_once(workdir, corpus, tokenizer, preset, steps, processes, accelerate_config, batch, seq_len, tag,
-             extra=()):
+             extra=(), tree=ROOT):
+    """One run of `tree`'s launch/pretrain.py (this checkout's by default, its package first on the path)."""
     out = Path(workdir) / tag
-    cmd = accelerate_cmd(processes, accelerate_config) + [
+    cmd = accelerate_cmd(processes, accelerate_config)[:-1] + [str(Path(tree) / "launch" / "pretrain.py")] + [
         "--train_file", str(corpus.corpus_train), "--validation_file", str(corpus.corpus_validation),
         "--tokenizer_name", str(tokenizer), "--config_name", preset, "--output_dir", str(out),
         "--overwrite_output_dir", "--max_steps", str(steps), "--logging_steps", str(max(1, steps // 4)),
         "--eval_steps", "0", "--save_steps", "0", "--max_eval_samples", "32", "--report_to", "tensorboard",
         "--per_device_train_batch_size", str(batch), "--max_seq_length", str(seq_len), "--disable_tqdm", *extra,
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env(OMP_NUM_THREADS="2"
-                                                                                     if processes == 1 else "1"))
+    threads = "2" if processes == 1 else "1"
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tree,
+                            env=env(OMP_NUM_THREADS=threads, PYTHONPATH=str(tree)))
     if result.returncode != 0:
         raise SystemExit(f"{tag} failed:\n{result.stderr[-3000:]}")
     rates = [int(m.group(2)) for m in map(LINE.match, result.stdout.splitlines()) if m]
@@ -58,7 +61,7 @@ def read_last_scalar(log_dir, tag):
     return statistics.median(values[1:] or values) if values else float("nan")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small", help="model size preset for the single-process figure")
     parser.add_argument("--steps", type=int, default=16)
@@ -66,10 +69,15 @@ def main():
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of DDP/ZeRO runs (0: none)")
     parser.add_argument("--dist_preset", default="demo", help="model size for the 2-process comparison")
+    parser.add_argument("--vs_tree", type=Path, default=None,
+                        help="another checkout of this project (say `git worktree add /tmp/before <commit>`): its "
+                             "launch/pretrain.py runs the single-process preset in interleaved rounds beside this "
+                             "one's, with --compile_rounds rounds (eager, or compiled with --vs_compile)")
+    parser.add_argument("--vs_compile", action="store_true", help="--vs_tree rounds with --torch_compile")
     parser.add_argument("--compile_rounds", type=int, default=0,
                         help="also run the single-process preset this many interleaved rounds without and with "
                              "--torch_compile (the first logging window, which holds the compilation, is dropped)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from ltgbert.demo_data import ensure_demo_data
     from ltgbert.tokenization import train_tokenizer
@@ -86,19 +94,25 @@ def main():
               f"{rate:.0f} tokens/s, MFU {mfu:.1%} of the measured fp32 matmul rate")
 
         if args.compile_rounds:
-            runs = {"eager": [], "compiled": []}
+            if args.vs_tree is None:  # eager against --torch_compile, in this checkout
+                variants = {"eager": ((), ROOT), "compiled": (("--torch_compile",), ROOT)}
+            else:  # this checkout against the other one, both eager or both compiled
+                flags = ("--torch_compile",) if args.vs_compile else ()
+                variants = {"vs_tree": (flags, args.vs_tree), "this_tree": (flags, ROOT)}
+            runs = {name: [] for name in variants}
             for r in range(args.compile_rounds):
-                for name in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
-                    extra = ("--torch_compile",) if name == "compiled" else ()
+                for name in list(variants) if r % 2 == 0 else list(variants)[::-1]:
+                    extra, tree = variants[name]
                     runs[name].append(run_once(tmp, corpus, tokenizer, args.preset, args.steps, 1, None, args.batch,
-                                               args.seq_len, f"{name}-{r}", extra))
-            ratio = statistics.median(c[0] / e[0] for e, c in zip(runs["eager"], runs["compiled"]))
+                                               args.seq_len, f"{name}-{r}", extra, tree))
+            (base, base_runs), (other, other_runs) = runs.items()
+            ratio = statistics.median(c[0] / e[0] for e, c in zip(base_runs, other_runs))
             print(f"\n{args.preset} preset, 1 process, {args.compile_rounds} interleaved rounds "
                   "(median tokens/s, MFU):")
             for name, figures in runs.items():
                 print(f"{name:<10}{statistics.median(f[0] for f in figures):>10.0f} tokens/s"
                       f"{statistics.median(f[1] for f in figures):>8.1%} MFU")
-            print(f"--torch_compile / eager: {ratio:.3f}x (median of per-round ratios)")
+            print(f"{other} / {base}: {ratio:.3f}x (median of per-round ratios)")
 
         if not args.rounds:
             return

@@ -6,6 +6,7 @@ together.
 
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import bench_bias_gather  # noqa: E402
 import bench_checkpointing  # noqa: E402
 import bench_dropout  # noqa: E402
 import bench_model  # noqa: E402
+import bench_pretrain  # noqa: E402
 import gpu  # noqa: E402
 
 
@@ -56,6 +58,35 @@ def test_bench_model_base_size_with_lamb():
     assert isinstance(bench_model.make_optimizer("lamb", model), Lamb)
     assert bench_model.make_optimizer("adamw", model).defaults["fused"] is True
     assert not bench_model.make_optimizer("adamw_unfused", model).defaults["fused"]
+
+
+@pytest.mark.parametrize("vs_compile", [False, True])
+def test_bench_pretrain_vs_tree_alternates_the_two_checkouts(monkeypatch, tmp_path, capsys, vs_compile):
+    """--vs_tree runs the other checkout's launch/pretrain.py and this one's in alternating order, with the same
+    flags, and reports this / other. The entry point itself is replaced by a recorder here (bench_pretrain's
+    runs take minutes); what is checked is which tree and flags each run gets."""
+    import ltgbert.demo_data
+    import ltgbert.tokenization
+
+    calls = []
+
+    def fake_run_once(workdir, corpus, tokenizer, preset, steps, processes, config, batch, seq_len, tag, extra=(),
+                      tree=bench_pretrain.ROOT):
+        calls.append((tag, tuple(extra), Path(tree)))
+        return (200.0 if Path(tree) == bench_pretrain.ROOT else 100.0), 0.5
+
+    monkeypatch.setattr(bench_pretrain, "run_once", fake_run_once)
+    monkeypatch.setattr(ltgbert.demo_data, "ensure_demo_data", lambda *a, **k: types.SimpleNamespace(corpus_train=None))
+    monkeypatch.setattr(ltgbert.tokenization, "train_tokenizer", lambda *a, **k: None)
+    other = tmp_path / "before"
+    bench_pretrain.main(["--compile_rounds", "3", "--rounds", "0", "--vs_tree", str(other)]
+                        + (["--vs_compile"] if vs_compile else []))
+    flags = ("--torch_compile",) if vs_compile else ()
+    assert [(tag, tree) for tag, _, tree in calls[1:]] == [
+        ("vs_tree-0", other), ("this_tree-0", bench_pretrain.ROOT), ("this_tree-1", bench_pretrain.ROOT),
+        ("vs_tree-1", other), ("vs_tree-2", other), ("this_tree-2", bench_pretrain.ROOT)]
+    assert all(extra == flags for _, extra, _ in calls[1:])
+    assert "this_tree / vs_tree: 2.000x" in capsys.readouterr().out
 
 
 def test_bench_model_bf16_tiny():

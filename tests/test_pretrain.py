@@ -129,6 +129,16 @@ def test_two_processes_match_single_process(preset, distributed_type, distribute
             torch.testing.assert_close(again[name], tensor, atol=1e-6, rtol=0, msg=name)
 
 
+def test_peak_flops_is_measured_without_touching_the_global_rng():
+    """The CPU peak behind the logged MFU: a finite matmul rate from a private generator (drawing from the
+    global one would shift dropout after a resume)."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    peak = pretrain.measure_peak_flops(torch.device("cpu"))
+    assert 1e8 < peak < 1e14 and torch.equal(torch.rand(3), expected)
+
+
 def test_compile_with_zero3_is_refused():
     """The check main() runs right after building the accelerator, against accelerate's own plugin objects."""
     from accelerate.utils import DeepSpeedPlugin
