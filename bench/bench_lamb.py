@@ -121,6 +121,7 @@ def main():
         "lamb (ours)": Lamb(groups_of(make_params(shapes, device, dtype), 0.1), lr=1e-3, weight_decay=0.1),
         "lamb (_foreach dir.)": foreach_lamb,
         "lamb (per-param loop)": ReferenceLamb(groups_of(make_params(shapes, device, dtype), 0.1), lr=1e-3),
+        "adamw (torch default)": torch.optim.AdamW(groups_of(make_params(shapes, device, dtype), 0.1), lr=1e-3),
         "adamw (foreach=True)": torch.optim.AdamW(
             groups_of(make_params(shapes, device, dtype), 0.1), lr=1e-3, foreach=True
         ),
