@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
         "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "steps": args.steps, "rounds": args.rounds, "compile": args.compile, "n_masked": n_masked,
         "model_flops_per_step": flops, "threads": torch.get_num_threads(), "clock": which,
-        "peak_fp32_flops": statistics.median(peaks["fp32"]), "models": {},
+        "peak_fp32_flops": statistics.median(peaks["fp32"]), "peak_fp32_flops_by_round": peaks["fp32"], "models": {},
     }
     if args.dtype != "fp32":
         results[f"peak_{args.dtype}_flops"] = statistics.median(peaks[args.dtype])
@@ -133,6 +133,7 @@ def main(argv=None) -> dict:
             "params": common.num_params(model),
             "tokens_per_s": statistics.median(tokens / s for s in per_round),
             "mfu_fp32_peak": statistics.median(flops / s / p for s, p in zip(per_round, peaks["fp32"])),
+            "seconds_per_step_by_round": per_round,
         }
         if args.dtype != "fp32":
             entry[f"mfu_{args.dtype}_peak"] = statistics.median(
