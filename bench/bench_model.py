@@ -9,9 +9,9 @@
 
 The small size: hidden 384, 12 layers, 6 heads, vocab 16384; LTG intermediate 1024 (GeGLU, 3 x 1024 x 384
 weights) vs BERT intermediate 1536 (2 x 1536 x 384): the same number of encoder weights. Base: hidden 768,
-12 heads, LTG intermediate 2048 vs BERT 3072. Every variant steps with the same optimizer (--optimizer). 15% of the tokens
-are labelled; LTG projects onto the vocabulary only at those rows, BERT computes full logits as transformers
-does (the baseline users have). Variants run in interleaved rounds in one process; tokens/s are medians over
+12 heads, LTG intermediate 2048 vs BERT 3072. Every variant steps with the same optimizer (--optimizer).
+15% of the tokens are labelled; LTG projects onto the vocabulary only at those rows, BERT computes full
+logits as transformers does (the baseline users have). Variants run in interleaved rounds in one process; tokens/s are medians over
 rounds, the ratio is the median of per-round ratios, and MFU is the useful model FLOP rate (common.model_flops)
 over an n^3 matmul rate measured in the same round. With one thread (OMP_NUM_THREADS=1) every time is process
 CPU time, which other jobs on a shared machine do not inflate (--clock to choose).
