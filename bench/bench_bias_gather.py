@@ -51,14 +51,14 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     batch, heads, seq, bucket_size = (2, 2, 16, 8) if args.tiny else (16, 12 if args.size == "base" else 6, 128, 32)
     rounds = 2 if args.tiny else args.rounds
-    if args.compile:
-        return compiled(args, batch, heads, seq, bucket_size, rounds)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     config = LtgBertConfig(hidden_size=heads * 8, num_attention_heads=heads, position_bucket_size=bucket_size)
+    bucket_index = log_bucket_indices(seq, seq, bucket_size, config.max_position_embeddings)
+    if args.compile:
+        return compiled(args, config, bucket_index, batch, rounds)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     now = LtgBertAttention(config)
     direct = LtgBertAttention(config)
     direct.position_bias = types.MethodType(direct_position_bias, direct)
-    bucket_index = log_bucket_indices(seq, seq, bucket_size, config.max_position_embeddings)
     shape = (batch, heads, seq, 2 * bucket_size - 1)
     tables16 = [torch.randn(shape).to(dtype).requires_grad_() for _ in range(2)]
     tables32 = [t.detach().float().requires_grad_() for t in tables16]
@@ -79,10 +79,9 @@ def main(argv=None) -> dict:
     return results
 
 
-def compiled(args, batch, heads, seq, bucket_size, rounds) -> dict:
-    config = LtgBertConfig(hidden_size=heads * 8, num_attention_heads=heads, position_bucket_size=bucket_size)
+def compiled(args, config, bucket_index, batch, rounds) -> dict:
     module = LtgBertAttention(config)
-    bucket_index = log_bucket_indices(seq, seq, bucket_size, config.max_position_embeddings)
+    heads, seq, buckets = config.num_attention_heads, bucket_index.shape[0], 2 * config.position_bucket_size - 1
     padding = torch.ones(batch, seq, dtype=torch.bool)
     padding[-1, seq - seq // 4:] = False
     lowest = torch.finfo(torch.float32).min / 2
@@ -94,18 +93,23 @@ def compiled(args, batch, heads, seq, bucket_size, rounds) -> dict:
 
     functions = {"gather": bias(module.position_bias),
                  "flat_index": bias(types.MethodType(direct_position_bias, module))}
-    tables = [torch.randn(batch, heads, seq, 2 * bucket_size - 1, requires_grad=True) for _ in range(2)]
+    tables = [torch.randn(batch, heads, seq, buckets, requires_grad=True) for _ in range(2)]
     grad = torch.randn(batch, heads, seq, seq)
-    outputs = {n: (f(*tables), torch.autograd.grad(f(*tables), tables, grad)) for n, f in functions.items()}
+
+    def forward_backward(f):
+        bias = f(*tables)
+        return bias, torch.autograd.grad(bias, tables, grad)
+
+    outputs = {n: forward_backward(f) for n, f in functions.items()}
     torch.testing.assert_close(outputs["gather"], outputs["flat_index"], rtol=0, atol=0)
 
     def step(f):
-        return lambda: torch.autograd.grad(f(*tables), tables, grad)
+        return lambda: forward_backward(f)
 
     seconds = common.interleaved({n: step(f) for n, f in functions.items()}, 5, rounds, which="cpu")
     results = {n: {"ms": 1e3 * statistics.median(s), "speed_vs_flat_index": common.median_ratio(seconds["flat_index"], s)}
                for n, s in seconds.items()}
-    print(f"compiled ({args.compile_backend}) bias gather, fp32 [{batch}, {heads}, {seq}, {2 * bucket_size - 1}] -> "
+    print(f"compiled ({args.compile_backend}) bias gather, fp32 [{batch}, {heads}, {seq}, {buckets}] -> "
           f"[{batch}, {heads}, {seq}, {seq}] with padding, forward + backward, median of {rounds} interleaved rounds")
     print("  ".join(f"{n} {e['ms']:.2f} ms ({e['speed_vs_flat_index']:.2f}x)" for n, e in results.items()))
     return results
