@@ -90,9 +90,19 @@ def test_bench_pretrain_vs_tree_alternates_the_two_checkouts(monkeypatch, tmp_pa
     assert "this_tree / vs_tree: 2.000x" in capsys.readouterr().out
 
 
-def test_bench_model_bf16_tiny():
+@pytest.mark.parametrize("native", [True, False])
+def test_bench_model_bf16_tiny(monkeypatch, capsys, native):
+    """With bf16 matrix instructions MFU is reported against both peaks; without them (bf16 emulated, as on AVX2)
+    the bench says so and reports MFU against the fp32 rate only."""
+    monkeypatch.setattr(bench_model, "cpu_has_native", lambda precision: native)
     results = bench_model.main(["--tiny", "--dtype", "bf16", "--no_bert"])
-    assert "peak_bf16_flops" in results and results["models"]["ltg"]["mfu_bf16_peak"] > 0
+    ltg = results["models"]["ltg"]
+    assert results["native_dtype"] is native and ltg["tokens_per_s"] > 0
+    assert ("peak_bf16_flops" in results) is native and ("mfu_bf16_peak" in ltg) is native
+    assert ("no bf16 matrix instructions" in capsys.readouterr().out) is not native
+    low, high = ltg["mfu_fp32_peak_range"]
+    assert 0 < low <= ltg["mfu_fp32_peak"] <= high
+    assert results["peak_fp32_flops"] == max(results["peak_fp32_flops_by_round"])
 
 
 def test_bench_dropout_tiny_and_its_baseline_drops_the_same_elements():

@@ -251,6 +251,34 @@ def test_make_accelerator_single_process(monkeypatch):
         GradientState._reset_state()
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_make_accelerator_warns_when_cpu_mixed_precision_is_emulated(monkeypatch, native):
+    """bf16 on a CPU without bf16 matrix instructions is emulated (13x slower on AVX2): one warning, naming the fix."""
+    import warnings
+
+    from ltgbert import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed, "cpu_has_native", lambda precision: native)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            acc = distributed.make_accelerator(timeout_minutes=5, mixed_precision="bf16", cpu=True)
+        assert acc.mixed_precision == "bf16"
+        messages = [str(w.message) for w in caught if "matrix instructions" in str(w.message)]
+        if native:
+            assert messages == []
+        else:
+            assert len(messages) == 1 and "drop --mixed_precision bf16" in messages[0]
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert not distributed.warn_if_cpu_precision_is_emulated(torch.device("cpu"), "no")
+    assert isinstance(distributed.cpu_has_native("bf16"), bool) and isinstance(distributed.cpu_has_native("fp16"), bool)
+
+
 def test_enable_activation_checkpointing_turns_it_on_without_deprecation_warning(tiny_config):
     import warnings
 
