@@ -32,6 +32,9 @@ def test_bench_model_tiny(tmp_path, capsys):
         assert entry["tokens_per_s"] > 0 and 0 < entry["mfu_fp32_peak"] < 1.5
         assert len(entry["seconds_per_step_by_round"]) == len(results["peak_fp32_flops_by_round"]) == 2
     assert set(results["ratios"]) == {"ltg/bert", "ltg_before/bert", "ltg/ltg_before", "ltg/ltg_nn_dropout"}
+    assert set(results["ratios_fastest_rounds"]) == set(results["ratios"])
+    rounds = {name: e["seconds_per_step_by_round"] for name, e in results["models"].items()}
+    assert results["ratios_fastest_rounds"]["ltg/bert"] == pytest.approx(min(rounds["bert"]) / min(rounds["ltg"]))
     assert json.loads(out.read_text())["n_masked"] == results["n_masked"] > 0
     assert "speed ratio ltg/bert" in capsys.readouterr().out
 
