@@ -279,6 +279,16 @@ def test_make_accelerator_warns_when_cpu_mixed_precision_is_emulated(monkeypatch
     assert isinstance(distributed.cpu_has_native("bf16"), bool) and isinstance(distributed.cpu_has_native("fp16"), bool)
 
 
+@pytest.mark.parametrize("precision, instructions", [("bf16", "AVX512-BF16 or AMX"), ("fp16", "AVX512-FP16 or AMX-FP16")])
+def test_emulated_precision_warning_names_the_instructions_and_only_concerns_cpus(monkeypatch, precision, instructions):
+    from ltgbert import distributed
+
+    monkeypatch.setattr(distributed, "cpu_has_native", lambda p: False)
+    with pytest.warns(UserWarning, match=f"drop --mixed_precision {precision}, or run on a GPU or a CPU with {instructions}"):
+        assert distributed.warn_if_cpu_precision_is_emulated(torch.device("cpu"), precision)
+    assert not distributed.warn_if_cpu_precision_is_emulated(torch.device("cuda"), precision)
+
+
 def test_enable_activation_checkpointing_turns_it_on_without_deprecation_warning(tiny_config):
     import warnings
 
