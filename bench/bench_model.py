@@ -133,11 +133,11 @@ def main(argv=None) -> dict:
         "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "steps": args.steps, "rounds": args.rounds, "compile": args.compile, "n_masked": n_masked,
         "model_flops_per_step": flops, "threads": torch.get_num_threads(), "clock": which,
-        "native_dtype": native, "peak_fp32_flops": max(peaks["fp32"]), "peak_fp32_flops_by_round": peaks["fp32"],
-        "models": {},
+        "native_dtype": native, "peak_fp32_flops_by_round": peaks["fp32"], "models": {},
     }
-    if args.dtype != "fp32" and native:
-        results[f"peak_{args.dtype}_flops"] = max(peaks[args.dtype])
+    best = {name: max(rates) for name, rates in peaks.items()}
+    for name, rate in best.items():
+        results[f"peak_{name}_flops"] = rate
     for name, (model, _) in variants.items():
         per_round = seconds[name]
         entry = {
@@ -145,8 +145,8 @@ def main(argv=None) -> dict:
             "tokens_per_s": statistics.median(tokens / s for s in per_round),
             "seconds_per_step_by_round": per_round,
         }
-        for peak_name, rates in peaks.items():
-            mfu_by_round = [flops / s / max(rates) for s in per_round]
+        for peak_name, peak in best.items():
+            mfu_by_round = [flops / s / peak for s in per_round]
             entry[f"mfu_{peak_name}_peak"] = statistics.median(mfu_by_round)
             entry[f"mfu_{peak_name}_peak_range"] = [min(mfu_by_round), max(mfu_by_round)]
         results["models"][name] = entry

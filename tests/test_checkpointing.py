@@ -235,46 +235,43 @@ def test_deepspeed_zero2_two_cpu_processes(tmp_path):
     assert "pytorch_model" in results[0]["files"]  # DeepSpeed's own checkpoint dir with both ranks' shards
 
 
-def test_make_accelerator_single_process(monkeypatch):
-    from ltgbert.distributed import all_ranks_all, all_ranks_any, broadcast_object, make_accelerator
-
+@pytest.fixture
+def fresh_accelerator_state(monkeypatch):
+    """A single-process launch environment and accelerate's singleton state reset before and after."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    try:
-        acc = make_accelerator(timeout_minutes=5)
-        assert acc.num_processes == 1 and acc.is_main_process
-        assert all_ranks_any(acc, True) and not all_ranks_any(acc, False) and not all_ranks_all(acc, False)
-        assert broadcast_object(acc, {"a": 1}) == {"a": 1}
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_make_accelerator_single_process(fresh_accelerator_state):
+    from ltgbert.distributed import all_ranks_all, all_ranks_any, broadcast_object, make_accelerator
+
+    acc = make_accelerator(timeout_minutes=5)
+    assert acc.num_processes == 1 and acc.is_main_process
+    assert all_ranks_any(acc, True) and not all_ranks_any(acc, False) and not all_ranks_all(acc, False)
+    assert broadcast_object(acc, {"a": 1}) == {"a": 1}
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_make_accelerator_warns_when_cpu_mixed_precision_is_emulated(monkeypatch, native):
+def test_make_accelerator_warns_when_cpu_mixed_precision_is_emulated(fresh_accelerator_state, monkeypatch, native):
     """bf16 on a CPU without bf16 matrix instructions is emulated (13x slower on AVX2): one warning, naming the fix."""
     import warnings
 
     from ltgbert import distributed
 
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(distributed, "cpu_has_native", lambda precision: native)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            acc = distributed.make_accelerator(timeout_minutes=5, mixed_precision="bf16", cpu=True)
-        assert acc.mixed_precision == "bf16"
-        messages = [str(w.message) for w in caught if "matrix instructions" in str(w.message)]
-        if native:
-            assert messages == []
-        else:
-            assert len(messages) == 1 and "drop --mixed_precision bf16" in messages[0]
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        acc = distributed.make_accelerator(timeout_minutes=5, mixed_precision="bf16", cpu=True)
+    assert acc.mixed_precision == "bf16"
+    messages = [str(w.message) for w in caught if "matrix instructions" in str(w.message)]
+    if native:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and "drop --mixed_precision bf16" in messages[0]
     assert not distributed.warn_if_cpu_precision_is_emulated(torch.device("cpu"), "no")
     assert isinstance(distributed.cpu_has_native("bf16"), bool) and isinstance(distributed.cpu_has_native("fp16"), bool)
 
