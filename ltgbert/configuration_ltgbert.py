@@ -33,7 +33,15 @@ class LtgBertConfig(PretrainedConfig):
         layer_norm_eps: epsilon of every LayerNorm (the published models use 1e-7).
         hidden_dropout_prob: dropout on embeddings and on the output of every sub-layer.
         attention_probs_dropout_prob: dropout on attention probabilities and the relative-position table.
-        classifier_dropout: dropout before the sequence-classification layer (``hidden_dropout_prob`` if None).
+        classifier_dropout: dropout before the output layer of every classification head (sequence, token,
+            multiple choice, question answering); ``hidden_dropout_prob`` if None.
+        classifier_head: what the classification heads put on the encoder output. "linear" (default): dropout
+            and one linear layer, as transformers' BERT (without its pooler). "mlp": the head of the published
+            LTG-BERT / HPLT code (LayerNorm -> dense -> GELU -> LayerNorm -> dropout -> linear); loading a
+            published fine-tuned checkpoint picks it. Not in published configs (new here).
+        gradient_checkpointing_mode: what ``gradient_checkpointing_enable()`` recomputes: "full" (whole layers)
+            or "selective" (only the attention core and the GeGLU activation; no matmul runs twice). Not in
+            published configs (new here); it has no effect until checkpointing is enabled.
         problem_type: "regression", "single_label_classification" or "multi_label_classification";
             None detects it from ``num_labels`` and the label dtype, as transformers' BERT does.
     """
@@ -53,6 +61,8 @@ class LtgBertConfig(PretrainedConfig):
         hidden_dropout_prob: float = 0.1,
         attention_probs_dropout_prob: float = 0.1,
         classifier_dropout: float | None = None,
+        classifier_head: str = "linear",
+        gradient_checkpointing_mode: str = "full",
         unk_token_id: int = 0,
         cls_token_id: int = 1,
         sep_token_id: int = 2,
@@ -79,6 +89,8 @@ class LtgBertConfig(PretrainedConfig):
         self.hidden_dropout_prob = hidden_dropout_prob
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
         self.classifier_dropout = classifier_dropout
+        self.classifier_head = classifier_head
+        self.gradient_checkpointing_mode = gradient_checkpointing_mode
         self.unk_token_id = unk_token_id
         self.mask_token_id = mask_token_id
         self._validate()
@@ -108,6 +120,14 @@ class LtgBertConfig(PretrainedConfig):
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             check(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1)")
         check(self.layer_norm_eps > 0, "layer_norm_eps must be positive")
+        check(
+            self.classifier_head in ("linear", "mlp"),
+            f'classifier_head must be "linear" or "mlp", got {self.classifier_head!r}',
+        )
+        check(
+            self.gradient_checkpointing_mode in ("full", "selective"),
+            f'gradient_checkpointing_mode must be "full" or "selective", got {self.gradient_checkpointing_mode!r}',
+        )
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "LtgBertConfig":

@@ -24,8 +24,8 @@ def _batch(vocab=64, batch=3, seq=24):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[1, seq - 5:] = 0
-    mask[2, seq // 2:] = 0
+    mask[1, seq - 5 :] = 0
+    mask[2, seq // 2 :] = 0
     labels = torch.where(torch.rand(batch, seq, generator=g) < 0.3, ids, -100)
     labels[0, 1] = ids[0, 1]
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
@@ -225,7 +225,12 @@ def test_compiled_layers_draw_the_eager_dropout_masks(tiny_config, checkpointing
     different mask would move them by far more), with and without gradient checkpointing, whose
     recomputation must redraw the same masks."""
     ((loss, grads), (loss_c, grads_c)), graphs = _eager_and_compiled(tiny_config, "aot_eager", checkpointing)
-    assert graphs and all("ltgbert.dropout_bits" in gm.code for gm in graphs)
+    # Full checkpointing runs inside the compiled layer (transformers' GradientCheckpointingLayer wraps forward):
+    # the draws sit in the checkpointed body, a nested graph module.
+    assert graphs and all(
+        any("ltgbert.dropout_bits" in m.code for m in gm.modules() if isinstance(m, torch.fx.GraphModule))
+        for gm in graphs
+    )
     torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=0)
     assert grads.keys() == grads_c.keys()
     for name in grads:
