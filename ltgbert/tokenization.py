@@ -9,15 +9,23 @@ The result is a `transformers.PreTrainedTokenizerFast` built around the `tokeniz
 loads it back without any ltgbert code. The post-processor adds [CLS] a [SEP] (and [CLS] a [SEP] b [SEP]
 for pairs, with type ids 0/1), and `model_input_names` leaves out token_type_ids: LTG-BERT has no segment
 embeddings, and a fill-mask pipeline would otherwise pass them to the model.
+
+Every writer of a model directory (pretraining's final/ and word-count checkpoints, fine-tuning's best/,
+export) saves the tokenizer through `save_tokenizer`, which makes the files portable across transformers
+versions: transformers 5.x records a fast tokenizer as "TokenizersBackend", a name that 4.x (the 4.51.3 that
+the official BabyLM evaluation pipeline pins) does not know, so `AutoTokenizer` and `AutoProcessor` fail
+there. Both versions know "PreTrainedTokenizerFast", and tokenizer.json alone defines the tokenizer, so
+that name is written instead.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -124,13 +132,15 @@ def train_tokenizer(
     )
 
     if isinstance(files, (str, Path, list, tuple)):
-        from ltgbert.data import PLAIN_TEXT_SUFFIXES, check_text_file, load_text_dataset  # data imports no tokenizer code
+        # data imports no tokenizer code, so this import cannot be circular
+        from ltgbert.data import PLAIN_TEXT_SUFFIXES, check_text_file, load_text_dataset
 
         paths = [Path(files)] if isinstance(files, (str, Path)) else [Path(f) for f in files]
         if not paths:
             raise UserError("no training files given; pass --train_file PATH [PATH ...]")
         if all(p.suffix.lower() in PLAIN_TEXT_SUFFIXES for p in paths):
-            if not any([check_text_file(p) for p in paths]):
+            has_text = [check_text_file(p) for p in paths]  # every file is checked (bad bytes raise), not the first
+            if not any(has_text):
                 raise UserError(f"empty corpus: {', '.join(map(str, paths))} hold no text; pass non-empty text files")
             # the Rust trainer reads the files itself, in parallel and without Python in the loop
             tokenizer.train([str(p) for p in paths], trainer)
@@ -151,17 +161,48 @@ def train_tokenizer(
     return fast
 
 
+# The generic fast-tokenizer class under its 5.x and 4.x names; a model-specific class (BertTokenizer) is
+# known to both and is kept.
+GENERIC_FAST_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+# Loading options that 5.x writes back into tokenizer_config.json when a loaded tokenizer is saved; they
+# describe how it was once loaded, not the tokenizer, and would override the next caller's own options.
+_LOAD_TIME_KEYS = ("backend", "is_local", "local_files_only", "_commit_hash", "_from_auto", "trust_remote_code")
+
+
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, output_dir: str | Path) -> Path:
-    """save_pretrained into a temporary sibling directory, then move the files in, so a crash midway
-    never leaves a half-written tokenizer over a good one."""
+    """Save a fast tokenizer into `output_dir` so that it loads with AutoTokenizer and AutoProcessor under
+    transformers 4.51.3 and 5.x; returns `output_dir`.
+
+    tokenizer_config.json names the portable class, drops 5.x's "backend" field and loading options, and lists
+    model inputs without token_type_ids (LTG-BERT has no segments; a tokenizer loaded from elsewhere may list
+    them). The files are written into a temporary sibling directory and then moved in one by one, so a crash
+    midway never leaves a half-written file over a good one; other files in `output_dir` (the model) stay.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(
+            f"cannot save a {type(tokenizer).__name__}: LTG-BERT directories need a fast tokenizer "
+            "(tokenizer.json); load the tokenizer with AutoTokenizer or ltgbert.loading.load_tokenizer"
+        )
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{output_dir.name}-", dir=output_dir.parent))
     try:
         tokenizer.save_pretrained(str(tmp))
+        _make_config_portable(tmp / "tokenizer_config.json", tokenizer)
         output_dir.mkdir(exist_ok=True)
         for f in tmp.iterdir():
             os.replace(f, output_dir / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
+
+
+def _make_config_portable(path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if config.get("tokenizer_class") in (*GENERIC_FAST_CLASSES, None):
+        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    for key in _LOAD_TIME_KEYS:  # "backend" is 5.x only, and its default there is the same backend
+        config.pop(key, None)
+    config["model_input_names"] = [name for name in tokenizer.model_input_names if name != "token_type_ids"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -10,22 +10,26 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoProcessor, AutoTokenizer
 
 from ltgbert.errors import UserError
-from ltgbert.tokenization import SPECIAL_TOKENS, train_tokenizer
+from ltgbert.tokenization import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the dog cat bird walk walked walking talk talked talking jump jumped jumps happy unhappy happiness "
-         "river Oslo Bergen quickly slowly over under because").split()
+WORDS = (
+    "the dog cat bird walk walked walking talk talked talking jump jumped jumps happy unhappy happiness "
+    "river Oslo Bergen quickly slowly over under because"
+).split()
 
 
 def write_corpus(path: Path, n_docs: int = 60, seed: int = 0) -> Path:
     rng = random.Random(seed)
     docs = []
     for _ in range(n_docs):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
-                     for _ in range(rng.randint(1, 4))]
+        sentences = [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
+            for _ in range(rng.randint(1, 4))
+        ]
         docs.append("\n".join(sentences))
     path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
     return path
@@ -46,7 +50,8 @@ def saved(corpus, tmp_path_factory) -> Path:
 def test_special_tokens_and_auto_tokenizer_round_trip(saved):
     tok = AutoTokenizer.from_pretrained(saved)
     assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
-    assert (tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    ids = (tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id)
+    assert ids == (0, 1, 2, 3, 4)
     assert len(tok) <= 120 and tok.model_max_length == 64
     assert any(t.startswith("##") for t in tok.get_vocab())  # WordPiece continuation pieces exist
 
@@ -61,6 +66,39 @@ def test_special_tokens_and_auto_tokenizer_round_trip(saved):
     assert pair["token_type_ids"][-1] == 1 and pair["token_type_ids"][0] == 0
     assert len(tok("dog " * 200, truncation=True)["input_ids"]) == 64
     assert tok.pad(tok(["the dog", "the dog walked over"]))["input_ids"][0][-1] == 3
+
+
+def test_saved_tokenizer_is_portable_and_loads_as_the_babylm_pipeline_loads_it(saved, tmp_path):
+    """tokenizer_config.json names a class that transformers 4.x knows too (tests/test_compat_transformers451.py
+    loads it there); AutoProcessor, as the BabyLM pipeline calls it, gives (0, 0) offsets to specials."""
+    config = json.loads((saved / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "backend" not in config
+    assert config["model_input_names"] == ["input_ids", "attention_mask"]
+
+    processor = AutoProcessor.from_pretrained(saved, padding_side="right")
+    text = "The dog walked over the river."
+    enc = processor(text=text, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    assert offsets[0] == offsets[-1] == (0, 0)
+    assert all(end > start for start, end in offsets[1:-1]) and offsets[-2][1] == len(text)
+    cls, sep = processor.cls_token_id, processor.sep_token_id
+    a, b = (processor(t, add_special_tokens=False)["input_ids"] for t in ("the dog", "a cat"))
+    assert processor("the dog", "a cat")["input_ids"] == [cls, *a, sep, *b, sep]
+
+    # a tokenizer loaded from elsewhere: its loading options and token_type_ids are not written back, and the
+    # model files already in the directory stay
+    loaded = AutoTokenizer.from_pretrained(saved)
+    loaded.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"weights")
+    save_tokenizer(loaded, out)
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only", "backend"} & set(written)
+    assert written["model_input_names"] == ["input_ids", "attention_mask"]
+    assert (out / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary directory left behind
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == enc["input_ids"]
 
 
 def test_lowercase_option(corpus, tmp_path):
@@ -83,9 +121,10 @@ def test_inputs_iterable_dataset_and_jsonl(corpus, tmp_path):
     from_jsonl = train_tokenizer([jsonl], vocab_size=100, min_frequency=1, text_column="body")
     # training is not bit-reproducible (merge ties depend on hash order: huggingface/tokenizers#1794),
     # so compare what is stable: specials, the character alphabet, and lossless round trips
-    alphabets = [{t for t in tok.get_vocab() if len(t.removeprefix("##")) == 1} for tok in (from_iter, from_ds, from_jsonl)]
+    tokenizers = (from_iter, from_ds, from_jsonl)
+    alphabets = [{t for t in tok.get_vocab() if len(t.removeprefix("##")) == 1} for tok in tokenizers]
     assert alphabets[0] == alphabets[1] == alphabets[2]
-    for tok in (from_iter, from_ds, from_jsonl):
+    for tok in tokenizers:
         assert len(tok) <= 100 and tok.mask_token_id == 4
         assert tok.decode(tok(texts[0])["input_ids"], skip_special_tokens=True) == " ".join(texts[0].split())
 
@@ -96,7 +135,7 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n\n", encoding="utf-8")
     with pytest.raises(UserError, match="empty corpus"):
         train_tokenizer([tmp_path / "empty.txt"])
-    (tmp_path / "bad.txt").write_bytes("the dog walked\n".encode() + b"caf\xe9 au lait\n")
+    (tmp_path / "bad.txt").write_bytes(b"the dog walked\ncaf\xe9 au lait\n")
     with pytest.raises(UserError, match=r"bad.txt: invalid UTF-8 at byte offset 18"):
         train_tokenizer([tmp_path / "bad.txt"])
     (tmp_path / "rows.jsonl").write_text('{"sentence": "the dog"}\n', encoding="utf-8")
@@ -117,11 +156,25 @@ def load_cli(monkeypatch):
 def test_cli_trains_saves_and_reports_errors(corpus, tmp_path, capsys, monkeypatch):
     cli = load_cli(monkeypatch)
     out = tmp_path / "cli_tok"
-    assert cli.main(["--train_file", str(corpus), "--vocab_size", "100", "--min_frequency", "1",
-                     "--lowercase", "--output_dir", str(out)]) == 0
+    assert (
+        cli.cli(
+            [
+                "--train_file",
+                str(corpus),
+                "--vocab_size",
+                "100",
+                "--min_frequency",
+                "1",
+                "--lowercase",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.mask_token_id == 4 and tok("The")["input_ids"] == tok("the")["input_ids"]
-    assert cli.main(["--train_file", str(tmp_path / "nope.txt"), "--output_dir", str(tmp_path / "x")]) == 2
+    assert cli.cli(["--train_file", str(tmp_path / "nope.txt"), "--output_dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: file not found")
     assert not (tmp_path / "x").exists()  # a failed run writes nothing
@@ -132,5 +185,5 @@ def test_cli_defaults_to_demo_corpus(corpus, tmp_path, monkeypatch):
     # the real demo corpus takes seconds to generate; the CLI only needs its path
     monkeypatch.setattr(demo_data, "ensure_demo_data", lambda *a, **k: SimpleNamespace(corpus_train=corpus))
     monkeypatch.chdir(tmp_path)
-    assert load_cli(monkeypatch).main(["--vocab_size", "100"]) == 0
+    assert load_cli(monkeypatch).cli(["--vocab_size", "100"]) == 0
     assert AutoTokenizer.from_pretrained(tmp_path / "outputs" / "tokenizer-demo").cls_token_id == 1
