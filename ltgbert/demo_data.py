@@ -1,4 +1,4 @@
-"""Built-in demo data: an English-like corpus, BLiMP-style minimal pairs and classification tasks.
+"""Built-in demo data: an English-like corpus, BLiMP-style minimal pairs, classification and tagging tasks.
 
 Every entry point runs with no arguments on data the project makes itself, so nothing is downloaded. This
 module is that data: a small generative grammar with a lexicon of ~100 nouns and ~60 verbs (520 word
@@ -8,6 +8,7 @@ forms), from which we write, deterministically from one seed:
     <root>/corpus/{train,validation}.txt        documents separated by a blank line, one sentence per line
     <root>/blimp/<UID>.jsonl                    minimal pairs in the BLiMP format, one file per phenomenon
     <root>/tasks/<task>/{train,validation,test}.jsonl   {"sentence": ..., "label": ...}
+    <root>/tasks/{pos,entities}/{train,validation,test}.jsonl   {"tokens": [...], "tags": [...]}
 
 The grammar is built around agreement, so a small masked LM can learn it in CPU minutes and the minimal
 pairs measure whether it did: subject-verb number (locally, across a prepositional phrase and across a
@@ -15,6 +16,14 @@ relative clause whose noun has the other number), determiner-noun number (this/t
 and gender, irregular past and participle forms, existential there is/are and the negative polarity item
 "ever" (licensed only by a "no" subject). Every evaluation sentence (pairs and tasks) is held out: it is
 rejected when it occurs in the corpus or in an earlier evaluation file.
+
+The two token-classification tasks tag corpus-style sentences word by word (the final period is a token of
+its own). ``pos``: universal part-of-speech tags (``POS_TAGS``, Universal Dependencies' UPOS names): the
+lexicon fixes every word's tag but two, which the grammar's structure decides: "that" is DET before its
+noun ("that dog") and PRON as a relative ("the dog that runs"), and be is VERB after existential "there"
+("there is a dog") and AUX before a participle ("is running"). ``entities``: every noun phrase (determiner,
+adjective, noun) is a chunk of its noun's semantic class in IOB2 (``ENTITY_TAGS``: B-ANIMAL I-ANIMAL ...),
+so the entity-level F1 of NER is exercised on it.
 """
 
 from __future__ import annotations
@@ -24,15 +33,17 @@ import os
 import random
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from ltgbert.errors import UserError
 
 # Bump whenever the grammar or the file layout changes: the manifest check then regenerates cached data.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # ----------------------------------------------------------------------------------------------------------
 # lexicon
@@ -158,8 +169,18 @@ NOUN_PREPOSITIONS = ("near", "behind", "beside", "with", "under", "from")  # "th
 LOCATIVE_PREPOSITIONS = ("in", "near", "behind", "outside")  # "... in the park", always a place
 # Which numbers (0 = singular, 1 = plural) each determiner combines with; "a" is written "an" before a vowel.
 DETERMINERS = {
-    "the": (0, 1), "a": (0,), "this": (0,), "that": (0,), "every": (0,), "these": (1,), "those": (1,),
-    "some": (1,), "many": (1,), "two": (1,), "several": (1,), "no": (0, 1),
+    "the": (0, 1),
+    "a": (0,),
+    "this": (0,),
+    "that": (0,),
+    "every": (0,),
+    "these": (1,),
+    "those": (1,),
+    "some": (1,),
+    "many": (1,),
+    "two": (1,),
+    "several": (1,),
+    "no": (0, 1),
 }
 REFLEXIVES = ("himself", "herself", "itself", "themselves")
 
@@ -168,8 +189,9 @@ NOUNS = tuple(
     for cls, items in _NOUN_TABLE.items()
     for item in items.split()
 )
-VERBS = tuple(Verb(*forms.split(), tuple(subj.split()), tuple(obj.split()), refl)
-              for forms, subj, obj, refl in _VERB_TABLE)
+VERBS = tuple(
+    Verb(*forms.split(), tuple(subj.split()), tuple(obj.split()), refl) for forms, subj, obj, refl in _VERB_TABLE
+)
 
 
 def vocabulary() -> list[str]:
@@ -183,6 +205,7 @@ def vocabulary() -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # grammar
 
+
 # Weighted choices are stored as pools with repeated entries and drawn as pool[int(random() * len(pool))]:
 # several times faster than Random.choices/choice, which matters for a million words of pure Python.
 def _pool(*weighted: tuple[object, int]) -> tuple:
@@ -191,8 +214,10 @@ def _pool(*weighted: tuple[object, int]) -> tuple:
 
 # Determiners of ordinary noun phrases; "no" is kept for the NPI sentences so that "ever" is always
 # licensed by it and by nothing else.
-_DETS = (_pool(("the", 9), ("a", 5), ("this", 2), ("that", 2), ("every", 2)),
-         _pool(("the", 9), ("these", 2), ("those", 2), ("some", 3), ("many", 2), ("two", 1), ("several", 1)))
+_DETS = (
+    _pool(("the", 9), ("a", 5), ("this", 2), ("that", 2), ("every", 2)),
+    _pool(("the", 9), ("these", 2), ("those", 2), ("some", 3), ("many", 2), ("two", 1), ("several", 1)),
+)
 _INDEFINITE = (("a",), ("some", "many", "two", "several"))
 _DEMONSTRATIVES = (("this", "that"), ("these", "those"))
 _DEMONSTRATIVE_SWAP = {"this": "these", "these": "this", "that": "those", "those": "that"}
@@ -205,19 +230,38 @@ _SUBJECT_CLASSES = _pool(("person", 7), ("animal", 6), ("food", 2), ("object", 3
 # Corpus sentence shapes. About 40% of subjects carry a PP or relative clause, and its noun mostly has
 # the other number (_ATTRACTOR_MISMATCH), so "agree with the nearest noun", which a small MLM learns first,
 # fails more often than it works and the structural rule pays off.
-_MIX = _pool(("plain", 30), ("pp", 18), ("src", 9), ("orc", 9), ("refl", 14), ("refl_pp", 5), ("there", 8),
-             ("npi", 7))
+_MIX = _pool(("plain", 30), ("pp", 18), ("src", 9), ("orc", 9), ("refl", 14), ("refl_pp", 5), ("there", 8), ("npi", 7))
 _ATTRACTOR_MISMATCH = 0.7
 _REFLEXIVE_SUBJECTS = _pool(("person", 7), ("animal", 3))  # people: gender as well as number to learn
-_AGREE_SWAP = {"is": "are", "are": "is", "was": "were", "were": "was", "has": "have", "have": "has",
-               **{v.s: v.base for v in VERBS}, **{v.base: v.s for v in VERBS}}
+_AGREE_SWAP = {
+    "is": "are",
+    "are": "is",
+    "was": "were",
+    "were": "was",
+    "has": "have",
+    "have": "has",
+    **{v.s: v.base for v in VERBS},
+    **{v.base: v.s for v in VERBS},
+}
 
 
 class _Sent:
     """One generated sentence: its lowercase words plus where each phenomenon can be violated (-1: nowhere)."""
 
-    __slots__ = ("words", "nouns", "subj", "subj_num", "verb", "agree_i", "refl_i", "dem_i", "past_i", "pp_i",
-                 "there_i", "npi_i")
+    __slots__ = (
+        "agree_i",
+        "dem_i",
+        "nouns",
+        "npi_i",
+        "past_i",
+        "pp_i",
+        "refl_i",
+        "subj",
+        "subj_num",
+        "there_i",
+        "verb",
+        "words",
+    )
 
     def __init__(self) -> None:
         self.words: list[str] = []
@@ -248,7 +292,10 @@ class Grammar:
         self.rng = rng
         self.rnd = rng.random
         self.nouns = {c: tuple(n for n in NOUNS if n.cls == c) for c in CLASSES}
-        by = lambda pred: {c: tuple(v for v in VERBS if pred(v, c)) for c in CLASSES}  # noqa: E731
+
+        def by(pred) -> dict[str, tuple[Verb, ...]]:
+            return {c: tuple(v for v in VERBS if pred(v, c)) for c in CLASSES}
+
         self.verbs_by_subj = by(lambda v, c: c in v.subj)
         self.trans_by_subj = by(lambda v, c: c in v.subj and bool(v.obj))
         self.trans_by_obj = by(lambda v, c: c in v.obj)
@@ -263,8 +310,15 @@ class Grammar:
 
     # -- phrases --------------------------------------------------------------------------------------------
 
-    def _np(self, s: _Sent, cls: str, num: int, dets: tuple[str, ...] | None = None, adj_p: float = 0.25,
-            no_that: bool = False) -> int:
+    def _np(
+        self,
+        s: _Sent,
+        cls: str,
+        num: int,
+        dets: tuple[str, ...] | None = None,
+        adj_p: float = 0.25,
+        no_that: bool = False,
+    ) -> int:
         """Append det (adj) noun to s.words; return the determiner's index."""
         rnd, words = self.rnd, s.words
         nouns = self.nouns[cls]
@@ -284,8 +338,16 @@ class Grammar:
         s.nouns.append((noun, num))
         return start
 
-    def _subject(self, s: _Sent, cls: str, num: int, mod: str | None, dets: tuple[str, ...] | None,
-                 mismatch: bool | None, adj_p: float) -> None:
+    def _subject(
+        self,
+        s: _Sent,
+        cls: str,
+        num: int,
+        mod: str | None,
+        dets: tuple[str, ...] | None,
+        mismatch: bool | None,
+        adj_p: float,
+    ) -> None:
         """Subject noun phrase, optionally modified by a PP or a relative clause holding an attractor noun."""
         pick, rnd, words = self.pick, self.rnd, s.words
         self._np(s, cls, num, dets, adj_p)
@@ -311,10 +373,20 @@ class Grammar:
 
     # -- sentences ------------------------------------------------------------------------------------------
 
-    def clause(self, cls: str | None = None, num: int | None = None, mod: str | None = None,
-               mismatch: bool | None = None, tense: str | None = None, refl: bool = False, npi: bool = False,
-               verbs: tuple[Verb, ...] | None = None, dem_obj: bool = False, loc_p: float = 0.35,
-               adj_p: float = 0.25) -> _Sent:
+    def clause(
+        self,
+        cls: str | None = None,
+        num: int | None = None,
+        mod: str | None = None,
+        mismatch: bool | None = None,
+        tense: str | None = None,
+        refl: bool = False,
+        npi: bool = False,
+        verbs: tuple[Verb, ...] | None = None,
+        dem_obj: bool = False,
+        loc_p: float = 0.35,
+        adj_p: float = 0.25,
+    ) -> _Sent:
         """Subject (modifier) verb-group (object | reflexive) (locative PP)."""
         pick, rnd = self.pick, self.rnd
         if cls is None:
@@ -339,8 +411,12 @@ class Grammar:
             words.append(verb.past)
             s.past_i = i
         else:
-            aux = {"prog": ("is", "are"), "pastprog": ("was", "were"), "perf": ("has", "have"),
-                   "pastperf": ("had", "had")}[tense][num]
+            aux = {
+                "prog": ("is", "are"),
+                "pastprog": ("was", "were"),
+                "perf": ("has", "have"),
+                "pastperf": ("had", "had"),
+            }[tense][num]
             words += (aux, verb.ing if tense in ("prog", "pastprog") else verb.pp)
             s.agree_i = i if tense != "pastperf" else -1
             s.pp_i = i + 1 if tense in ("perf", "pastperf") else -1
@@ -353,8 +429,7 @@ class Grammar:
             words.append(_reflexive(s.subj, num, rnd))
         elif verb.obj:
             onum = int(rnd() < 0.45)
-            start = self._np(s, pick(verb.obj), onum, _DEMONSTRATIVES[onum]
-                             if dem_obj else None, adj_p)
+            start = self._np(s, pick(verb.obj), onum, _DEMONSTRATIVES[onum] if dem_obj else None, adj_p)
             if words[start] in _DEMONSTRATIVE_SWAP:
                 s.dem_i = start
         if rnd() < loc_p:
@@ -394,7 +469,7 @@ class Grammar:
 
     def pair(self, uid: str) -> tuple[list[str], list[str]] | None:
         """(good, bad) words for one phenomenon, differing in one word; None when this draw can't be used."""
-        pick, rnd = self.pick, self.rnd
+        pick = self.pick
         tense = pick(_AGREEING)
         if uid == "subject_verb_agreement":
             s = self.clause(tense=tense, loc_p=0.6, adj_p=0.4)
@@ -425,8 +500,9 @@ class Grammar:
             return _swap(s, s.past_i, s.verb.pp)
         if uid == "irregular_participle_after_auxiliary":  # the dog has eaten / *ate the cake
             cls = pick([c for c in CLASSES if self.irregular_by_subj[c]])
-            s = self.clause(cls, verbs=self.irregular_by_subj[cls], tense=pick(("perf", "pastperf")),
-                            loc_p=0.5, adj_p=0.4)
+            s = self.clause(
+                cls, verbs=self.irregular_by_subj[cls], tense=pick(("perf", "pastperf")), loc_p=0.5, adj_p=0.4
+            )
             return _swap(s, s.pp_i, s.verb.past)
         if uid == "existential_there_agreement":
             s = self.existential()
@@ -446,28 +522,58 @@ def _swap(s: _Sent, i: int, word: str) -> tuple[list[str], list[str]]:
 # UID -> (BLiMP field, BLiMP linguistics_term, what the pair contrasts)
 PHENOMENA = {
     "subject_verb_agreement": (
-        "morphology", "subject_verb_agreement", "verb number next to its subject: the dog runs / *run"),
+        "morphology",
+        "subject_verb_agreement",
+        "verb number next to its subject: the dog runs / *run",
+    ),
     "subject_verb_agreement_across_prepositional_phrase": (
-        "morphology", "subject_verb_agreement",
-        "verb number across a PP whose noun has the other number: the dog near the cats runs / *run"),
+        "morphology",
+        "subject_verb_agreement",
+        "verb number across a PP whose noun has the other number: the dog near the cats runs / *run",
+    ),
     "subject_verb_agreement_across_relative_clause": (
-        "morphology", "subject_verb_agreement",
-        "verb number across a relative clause with a noun of the other number: the dog that the cats chase "
-        "runs / *run"),
+        "morphology",
+        "subject_verb_agreement",
+        (
+            "verb number across a relative clause with a noun of the other number: the dog that the cats chase "
+            "runs / *run"
+        ),
+    ),
     "determiner_noun_agreement": (
-        "morphology", "determiner_noun_agreement", "demonstrative number: sees these cats / *this cats"),
+        "morphology",
+        "determiner_noun_agreement",
+        "demonstrative number: sees these cats / *this cats",
+    ),
     "anaphor_number_agreement": (
-        "morphology", "anaphor_agreement", "reflexive number: the girls praised themselves / *herself"),
+        "morphology",
+        "anaphor_agreement",
+        "reflexive number: the girls praised themselves / *herself",
+    ),
     "anaphor_gender_agreement": (
-        "morphology", "anaphor_agreement", "reflexive gender: the king praised himself / *herself"),
+        "morphology",
+        "anaphor_agreement",
+        "reflexive gender: the king praised himself / *herself",
+    ),
     "irregular_past_participle_verbs": (
-        "morphology", "irregular_forms", "simple past, not participle: the dog ate / *eaten the cake"),
+        "morphology",
+        "irregular_forms",
+        "simple past, not participle: the dog ate / *eaten the cake",
+    ),
     "irregular_participle_after_auxiliary": (
-        "morphology", "irregular_forms", "participle after have: the dog has eaten / *ate the cake"),
+        "morphology",
+        "irregular_forms",
+        "participle after have: the dog has eaten / *ate the cake",
+    ),
     "existential_there_agreement": (
-        "morphology", "subject_verb_agreement", "there is a dog / *are a dog; there are two dogs / *is"),
+        "morphology",
+        "subject_verb_agreement",
+        "there is a dog / *are a dog; there are two dogs / *is",
+    ),
     "npi_licensing_ever": (
-        "semantics", "npi_licensing", "ever needs a 'no' subject: no dog has ever / *the dog has ever"),
+        "semantics",
+        "npi_licensing",
+        "ever needs a 'no' subject: no dog has ever / *the dog has ever",
+    ),
 }
 
 
@@ -475,12 +581,20 @@ PHENOMENA = {
 # tasks
 
 TASKS = {  # name -> (HF problem_type, label names or None, label definition)
-    "grammaticality": ("single_label_classification", (0, 1),
-                       "1 if the sentence follows the grammar, 0 if it breaks one agreement rule (the "
-                       "violations of the BLiMP phenomena, equally often)"),
+    "grammaticality": (
+        "single_label_classification",
+        (0, 1),
+        (
+            "1 if the sentence follows the grammar, 0 if it breaks one agreement rule (the "
+            "violations of the BLiMP phenomena, equally often)"
+        ),
+    ),
     "topic": ("single_label_classification", CLASSES, "semantic class of the head noun of the subject"),
-    "mentions": ("multi_label_classification", MENTION_CLASSES,
-                 "the non-human semantic classes of all nouns in the sentence (possibly none)"),
+    "mentions": (
+        "multi_label_classification",
+        MENTION_CLASSES,
+        "the non-human semantic classes of all nouns in the sentence (possibly none)",
+    ),
     "regression": ("regression", None, "plurality score: plural nouns / all nouns (reflexives not counted)"),
 }
 SPLITS = ("train", "validation", "test")
@@ -519,9 +633,76 @@ def _make_task(task: str, seed: int, sizes: tuple[int, int, int], seen: set[str]
         rng.shuffle(hints)
         rows = []
         for hint in hints:
-            row = _draw_unseen(lambda: _task_row(task, g, hint), seen)
+            row = _draw_unseen(partial(_task_row, task, g, hint), seen)
             rows.append({"sentence": row[0], "label": row[1]})
         out[split] = rows
+    return out
+
+
+# Token-classification tasks: name -> (tag set, definition); rows {"tokens": [...], "tags": [...]}.
+POS_TAGS = ("ADJ", "ADP", "ADV", "AUX", "DET", "NOUN", "NUM", "PRON", "PUNCT", "VERB")
+ENTITY_TAGS = ("O", *(f"{p}-{c.upper()}" for c in CLASSES for p in "BI"))
+TOKEN_TASKS = {
+    "pos": (POS_TAGS, "universal part of speech of every word (UPOS names; the period is PUNCT)"),
+    "entities": (
+        ENTITY_TAGS,
+        ("IOB2 chunks: every noun phrase (determiner, adjective, noun) is an entity of its noun's semantic class"),
+    ),
+}
+_WORD_POS = {
+    **{w: "DET" for w in (*DETERMINERS, "an")},
+    "two": "NUM",
+    "ever": "ADV",
+    "there": "PRON",
+    **{w: "PRON" for w in REFLEXIVES},
+    **{w: "ADP" for w in (*NOUN_PREPOSITIONS, *LOCATIVE_PREPOSITIONS)},
+    **{w: "AUX" for w in ("is", "are", "was", "were", "has", "have", "had")},
+    **{w: "ADJ" for adjs in ADJECTIVES.values() for w in adjs},
+    **{w: "VERB" for v in VERBS for w in v[:5]},
+    **{w: "NOUN" for n in NOUNS for w in n.forms},
+}
+_NOUN_CLASS = {w: n.cls for n in NOUNS for w in n.forms}
+
+
+def pos_tags(words: list[str]) -> list[str]:
+    """UPOS tag of each lowercase word of a generated sentence (see the module docstring)."""
+    tags = [_WORD_POS[w] for w in words]
+    for i, w in enumerate(words):
+        if w == "that" and (i + 1 == len(words) or tags[i + 1] not in ("ADJ", "NOUN")):
+            tags[i] = "PRON"  # relative: followed by its verb or by the relative clause's subject
+        elif tags[i] == "AUX" and i == 1 and words[0] == "there":
+            tags[i] = "VERB"  # existential be is the main verb
+    return tags
+
+
+def entity_tags(words: list[str], pos: list[str]) -> list[str]:
+    """IOB2 tags: each determiner (adjective) noun phrase is a B-/I- chunk of the noun's semantic class."""
+    tags, start = ["O"] * len(words), None
+    for i, tag in enumerate(pos):
+        if tag in ("DET", "NUM"):
+            start = i
+        elif tag == "NOUN" and start is not None:
+            kind = _NOUN_CLASS[words[i]].upper()
+            tags[start : i + 1] = [f"B-{kind}"] + [f"I-{kind}"] * (i - start)
+            start = None
+    return tags
+
+
+def _token_row(task: str, g: Grammar) -> tuple[list[str], list[str], list[str]]:
+    """(words, tokens as written, tags) of one corpus-style sentence."""
+    words = g.sentence().words
+    pos = pos_tags(words)
+    tokens = [*render(words)[:-1].split(" "), "."]
+    tags = [*pos, "PUNCT"] if task == "pos" else [*entity_tags(words, pos), "O"]
+    return words, tokens, tags
+
+
+def _make_token_task(task: str, seed: int, sizes: tuple[int, int, int], seen: set[str]) -> dict[str, list[dict]]:
+    out = {}
+    for split, n in zip(SPLITS, sizes):
+        g = Grammar(random.Random(f"ltgbert-demo/{seed}/tasks/{task}/{split}"))
+        rows = [_draw_unseen(partial(_token_row, task, g), seen) for _ in range(n)]
+        out[split] = [{"tokens": tokens, "tags": tags} for _, tokens, tags in rows]
     return out
 
 
@@ -563,6 +744,7 @@ def _make_corpus(num_words: int, seed: int) -> tuple[list[str], list[str]]:
 
 def _check_params(num_words: int, seed: int, pairs_per_phenomenon: int, task_sizes) -> dict:
     """Validate the parameters (UserError names the fix) and return them as the manifest stores them."""
+
     def is_int(x: object) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
 
@@ -571,14 +753,22 @@ def _check_params(num_words: int, seed: int, pairs_per_phenomenon: int, task_siz
     if not is_int(seed) or seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}; pass e.g. --seed 0")
     if not is_int(pairs_per_phenomenon) or pairs_per_phenomenon < 1:
-        raise UserError(f"pairs_per_phenomenon must be an integer >= 1, got {pairs_per_phenomenon!r}; "
-                        "pass e.g. --pairs_per_phenomenon 500")
+        raise UserError(
+            f"pairs_per_phenomenon must be an integer >= 1, got {pairs_per_phenomenon!r}; "
+            "pass e.g. --pairs_per_phenomenon 500"
+        )
     sizes = tuple(task_sizes) if isinstance(task_sizes, (tuple, list)) else ()
     if len(sizes) != 3 or not all(is_int(n) and n >= 2 for n in sizes):
-        raise UserError(f"task_sizes must be three integers >= 2 (train, validation, test), got {task_sizes!r}; "
-                        "pass e.g. --train_size 2000 --validation_size 500 --test_size 500")
-    return {"num_words": num_words, "seed": seed, "pairs_per_phenomenon": pairs_per_phenomenon,
-            "task_sizes": list(sizes)}
+        raise UserError(
+            f"task_sizes must be three integers >= 2 (train, validation, test), got {task_sizes!r}; "
+            "pass e.g. --train_size 2000 --validation_size 500 --test_size 500"
+        )
+    return {
+        "num_words": num_words,
+        "seed": seed,
+        "pairs_per_phenomenon": pairs_per_phenomenon,
+        "task_sizes": list(sizes),
+    }
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -586,8 +776,13 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
-def generate_demo_data(out_dir: str | Path, num_words: int = 1_000_000, seed: int = 0,
-                       pairs_per_phenomenon: int = 500, task_sizes=(2000, 500, 500)) -> dict:
+def generate_demo_data(
+    out_dir: str | Path,
+    num_words: int = 1_000_000,
+    seed: int = 0,
+    pairs_per_phenomenon: int = 500,
+    task_sizes=(2000, 500, 500),
+) -> dict:
     """Write the whole demo data set into out_dir (created; existing files are overwritten) and return the
     manifest. This is the worker: callers that want caching and atomic replacement use ensure_demo_data."""
     params = _check_params(num_words, seed, pairs_per_phenomenon, task_sizes)
@@ -595,8 +790,9 @@ def generate_demo_data(out_dir: str | Path, num_words: int = 1_000_000, seed: in
     try:
         (root / "corpus").mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the demo data directory {root}: {e.strerror}; "
-                        "pass a writable --output_dir") from None
+        raise UserError(
+            f"cannot create the demo data directory {root}: {e.strerror}; pass a writable --output_dir"
+        ) from None
 
     # corpus
     train, validation = _make_corpus(num_words, seed)
@@ -607,8 +803,11 @@ def generate_demo_data(out_dir: str | Path, num_words: int = 1_000_000, seed: in
         (root / "corpus" / f"{split}.txt").write_text(text, encoding="utf-8")
         lines = text.split("\n")
         seen.update(lines)
-        counts["corpus"][split] = {"documents": len(docs), "sentences": len(lines) - len(docs),
-                                   "words": len(text.split())}
+        counts["corpus"][split] = {
+            "documents": len(docs),
+            "sentences": len(lines) - len(docs),
+            "words": len(text.split()),
+        }
     seen.discard("")
 
     # minimal pairs: both sentences held out, pairs written in the order drawn
@@ -617,18 +816,30 @@ def generate_demo_data(out_dir: str | Path, num_words: int = 1_000_000, seed: in
         g = Grammar(random.Random(f"ltgbert-demo/{seed}/blimp/{uid}"))
         rows = []
         for pair_id in range(pairs_per_phenomenon):
-            good, bad = _draw_unseen(lambda: _pair_or_none(g, uid, seen), seen)
+            good, bad = _draw_unseen(partial(_pair_or_none, g, uid, seen), seen)
             seen.add(bad)
-            rows.append({"sentence_good": good, "sentence_bad": bad, "field": field, "linguistics_term": term,
-                         "UID": uid, "simple_LM_method": True, "one_prefix_method": True,
-                         "two_prefix_method": False, "lexically_identical": False, "pairID": str(pair_id)})
+            rows.append(
+                {
+                    "sentence_good": good,
+                    "sentence_bad": bad,
+                    "field": field,
+                    "linguistics_term": term,
+                    "UID": uid,
+                    "simple_LM_method": True,
+                    "one_prefix_method": True,
+                    "two_prefix_method": False,
+                    "lexically_identical": False,
+                    "pairID": str(pair_id),
+                }
+            )
         _write_jsonl(root / "blimp" / f"{uid}.jsonl", rows)
         counts["blimp"][uid] = len(rows)
 
-    # classification tasks
+    # classification and token-classification tasks
     counts["tasks"] = {}
-    for task in TASKS:
-        splits = _make_task(task, seed, params["task_sizes"], seen)
+    makers = [(task, _make_task) for task in TASKS] + [(task, _make_token_task) for task in TOKEN_TASKS]
+    for task, make in makers:
+        splits = make(task, seed, params["task_sizes"], seen)
         for split, rows in splits.items():
             _write_jsonl(root / "tasks" / task / f"{split}.jsonl", rows)
         counts["tasks"][task] = {split: len(rows) for split, rows in splits.items()}
@@ -639,10 +850,19 @@ def generate_demo_data(out_dir: str | Path, num_words: int = 1_000_000, seed: in
         "params": params,
         "counts": counts,
         "vocabulary_size": len(vocabulary()),
-        "phenomena": {uid: {"field": f, "linguistics_term": t, "description": d}
-                      for uid, (f, t, d) in PHENOMENA.items()},
-        "tasks": {name: {"problem_type": p, "label_names": None if names is None else list(names),
-                         "definition": d} for name, (p, names, d) in TASKS.items()},
+        "phenomena": {
+            uid: {"field": f, "linguistics_term": t, "description": d} for uid, (f, t, d) in PHENOMENA.items()
+        },
+        "tasks": {
+            **{
+                name: {"problem_type": p, "label_names": None if names is None else list(names), "definition": d}
+                for name, (p, names, d) in TASKS.items()
+            },
+            **{
+                name: {"problem_type": "token_classification", "label_names": list(tags), "definition": d}
+                for name, (tags, d) in TOKEN_TASKS.items()
+            },
+        },
     }
     # written last: a directory with a manifest is a complete one
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -670,10 +890,11 @@ class DemoPaths:
     tasks_dir: Path
 
     @classmethod
-    def at(cls, root: str | Path) -> "DemoPaths":
+    def at(cls, root: str | Path) -> DemoPaths:
         root = Path(root)
-        return cls(root, root / "corpus" / "train.txt", root / "corpus" / "validation.txt", root / "blimp",
-                   root / "tasks")
+        return cls(
+            root, root / "corpus" / "train.txt", root / "corpus" / "validation.txt", root / "blimp", root / "tasks"
+        )
 
     @property
     def manifest(self) -> Path:
@@ -726,8 +947,13 @@ def _lock(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def ensure_demo_data(demo_dir: str | Path | None = None, num_words: int = 1_000_000, seed: int = 0,
-                     pairs_per_phenomenon: int = 500, task_sizes=(2000, 500, 500)) -> DemoPaths:
+def ensure_demo_data(
+    demo_dir: str | Path | None = None,
+    num_words: int = 1_000_000,
+    seed: int = 0,
+    pairs_per_phenomenon: int = 500,
+    task_sizes=(2000, 500, 500),
+) -> DemoPaths:
     """Return the demo data at demo_dir (default: default_demo_dir()), generating it unless its manifest
     already matches these parameters. Generation writes a temporary sibling directory and renames it into
     place, so a reader never sees a half-written directory and a failed run leaves the old data intact."""
