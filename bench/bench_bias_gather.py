@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402  (puts the repository root on sys.path)
 import torch  # noqa: E402
 
-import common  # noqa: E402  (puts the repository root on sys.path)
 from ltgbert import LtgBertConfig  # noqa: E402
 from ltgbert.modeling_ltgbert import LtgBertAttention, _flat_bucket_index, log_bucket_indices  # noqa: E402
 
@@ -63,18 +63,27 @@ def main(argv=None) -> dict:
     tables16 = [torch.randn(shape).to(dtype).requires_grad_() for _ in range(2)]
     tables32 = [t.detach().float().requires_grad_() for t in tables16]
     grad16 = torch.randn(batch, heads, seq, seq).to(dtype)
-    variants = {"through_fp32": (now, tables16, grad16), "direct_16bit": (direct, tables16, grad16),
-                "fp32_tables": (now, tables32, grad16.float())}
+    variants = {
+        "through_fp32": (now, tables16, grad16),
+        "direct_16bit": (direct, tables16, grad16),
+        "fp32_tables": (now, tables32, grad16.float()),
+    }
 
     def step(module, tables, grad):
         return lambda: torch.autograd.grad(module.position_bias(*tables, bucket_index), tables, grad)
 
     seconds = common.interleaved({name: step(*v) for name, v in variants.items()}, 5, rounds, which="cpu")
-    results = {name: {"ms": 1e3 * statistics.median(s),
-                      "speed_vs_direct_16bit": common.median_ratio(seconds["direct_16bit"], s)}
-               for name, s in seconds.items()}
-    print(f"bias gather {list(shape)} -> [{batch}, {heads}, {seq}, {seq}], {args.dtype}, forward + backward, "
-          f"{torch.get_num_threads()} threads, median of {rounds} interleaved rounds")
+    results = {
+        name: {
+            "ms": 1e3 * statistics.median(s),
+            "speed_vs_direct_16bit": common.median_ratio(seconds["direct_16bit"], s),
+        }
+        for name, s in seconds.items()
+    }
+    print(
+        f"bias gather {list(shape)} -> [{batch}, {heads}, {seq}, {seq}], {args.dtype}, forward + backward, "
+        f"{torch.get_num_threads()} threads, median of {rounds} interleaved rounds"
+    )
     print("  ".join(f"{n} {e['ms']:.2f} ms ({e['speed_vs_direct_16bit']:.2f}x)" for n, e in results.items()))
     return results
 
@@ -83,16 +92,19 @@ def compiled(args, config, bucket_index, batch, rounds) -> dict:
     module = LtgBertAttention(config)
     heads, seq, buckets = config.num_attention_heads, bucket_index.shape[0], 2 * config.position_bucket_size - 1
     padding = torch.ones(batch, seq, dtype=torch.bool)
-    padding[-1, seq - seq // 4:] = False
+    padding[-1, seq - seq // 4 :] = False
     lowest = torch.finfo(torch.float32).min / 2
 
     def bias(position_bias):
         def f(c2p, p2c):  # what LtgBertAttention.attend does with a padded batch
             return position_bias(c2p, p2c.masked_fill(~padding[:, None, :, None], lowest), bucket_index)
+
         return torch.compile(f, backend=args.compile_backend)
 
-    functions = {"gather": bias(module.position_bias),
-                 "flat_index": bias(types.MethodType(direct_position_bias, module))}
+    functions = {
+        "gather": bias(module.position_bias),
+        "flat_index": bias(types.MethodType(direct_position_bias, module)),
+    }
     tables = [torch.randn(batch, heads, seq, buckets, requires_grad=True) for _ in range(2)]
     grad = torch.randn(batch, heads, seq, seq)
 
@@ -107,10 +119,14 @@ def compiled(args, config, bucket_index, batch, rounds) -> dict:
         return lambda: forward_backward(f)
 
     seconds = common.interleaved({n: step(f) for n, f in functions.items()}, 5, rounds, which="cpu")
-    results = {n: {"ms": 1e3 * statistics.median(s), "speed_vs_flat_index": common.median_ratio(seconds["flat_index"], s)}
-               for n, s in seconds.items()}
-    print(f"compiled ({args.compile_backend}) bias gather, fp32 [{batch}, {heads}, {seq}, {buckets}] -> "
-          f"[{batch}, {heads}, {seq}, {seq}] with padding, forward + backward, median of {rounds} interleaved rounds")
+    results = {
+        n: {"ms": 1e3 * statistics.median(s), "speed_vs_flat_index": common.median_ratio(seconds["flat_index"], s)}
+        for n, s in seconds.items()
+    }
+    print(
+        f"compiled ({args.compile_backend}) bias gather, fp32 [{batch}, {heads}, {seq}, {buckets}] -> "
+        f"[{batch}, {heads}, {seq}, {seq}] with padding, forward + backward, median of {rounds} interleaved rounds"
+    )
     print("  ".join(f"{n} {e['ms']:.2f} ms ({e['speed_vs_flat_index']:.2f}x)" for n, e in results.items()))
     return results
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 
-import common  # noqa: E402
 from ltgbert.checkpointing import enable_activation_checkpointing  # noqa: E402
 
 MODES = ("none", "full", "selective")
@@ -124,7 +124,7 @@ def build(args, mode: str, shape: common.Shape, batch):
     def step():
         before = _rss_bytes("VmRSS")
         measured = before is not None and _reset_peak_rss()
-        loss = model(**batch).loss
+        loss = common.mlm_loss(model, batch)
         held = _rss_bytes("VmRSS") - before if measured else None
         loss.backward()
         peak = _rss_bytes("VmHWM") - before if measured else None
@@ -139,7 +139,7 @@ def saved_bytes(model, batch) -> int:
     """Peak bytes saved for backward during the forward of one step (the activations a step keeps)."""
     meter = SavedTensorMeter(model)
     with meter.hooks():
-        loss = model(**batch).loss
+        loss = common.mlm_loss(model, batch)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return meter.peak
@@ -171,10 +171,16 @@ def main(argv=None) -> dict:
                 memory[mode]["held"].append(held)
                 memory[mode]["peak"].append(peak)
 
-    results = {"shape": vars(shape), "batch_size": args.batch_size, "seq_len": args.seq_len,
-               "rounds": args.rounds, "threads": torch.get_num_threads(), "clock": which,
-               "exact_saved_bytes_none": exact,
-               "modes": {}}
+    results = {
+        "shape": vars(shape),
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "clock": which,
+        "exact_saved_bytes_none": exact,
+        "modes": {},
+    }
     for mode in args.modes:
         entry = {"step_s": statistics.median(seconds[mode])}
         for kind in ("held", "peak"):
@@ -193,17 +199,21 @@ def main(argv=None) -> dict:
 
 def report(results: dict) -> None:
     mib = 1024 * 1024
-    print(f"LTG-BERT {results['shape']['layers']} layers, hidden {results['shape']['hidden']}, "
-          f"batch {results['batch_size']} x {results['seq_len']}, fp32, {results['threads']} threads, "
-          f"clock {results['clock']}")
+    print(
+        f"LTG-BERT {results['shape']['layers']} layers, hidden {results['shape']['hidden']}, "
+        f"batch {results['batch_size']} x {results['seq_len']}, fp32, {results['threads']} threads, "
+        f"clock {results['clock']}"
+    )
     if results["exact_saved_bytes_none"] is not None:
         exact = results["exact_saved_bytes_none"] / mib
         print(f"exact bytes saved for backward without checkpointing: {exact:.1f} MiB")
     print(f"{'mode':<11}{'held MiB':>10}{'vs none':>9}{'peak MiB':>10}{'vs none':>9}{'step s':>9}{'vs none':>9}")
     for mode, e in results["modes"].items():
         held, peak = (e[k] or 0 for k in ("held_bytes", "peak_bytes"))
-        print(f"{mode:<11}{held / mib:>10.1f}{e.get('held_vs_none', 1.0):>9.2f}{peak / mib:>10.1f}"
-              f"{e.get('peak_vs_none', 1.0):>9.2f}{e['step_s']:>9.2f}{e.get('time_vs_none', 1.0):>9.2f}")
+        print(
+            f"{mode:<11}{held / mib:>10.1f}{e.get('held_vs_none', 1.0):>9.2f}{peak / mib:>10.1f}"
+            f"{e.get('peak_vs_none', 1.0):>9.2f}{e['step_s']:>9.2f}{e.get('time_vs_none', 1.0):>9.2f}"
+        )
 
 
 if __name__ == "__main__":

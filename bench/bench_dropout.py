@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402  (puts the repository root on sys.path)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import common  # noqa: E402  (puts the repository root on sys.path)
 from ltgbert.modeling_ltgbert import LtgBertDropout  # noqa: E402
 
 
@@ -78,16 +78,20 @@ def main(argv=None) -> dict:
             def run():
                 module(x).backward(grad)
                 x.grad = None
+
             return run
 
-        seconds = common.interleaved({name: step(m.train()) for name, m in modules.items()}, args.passes, rounds,
-                                     which="cpu")
+        seconds = common.interleaved(
+            {name: step(m.train()) for name, m in modules.items()}, args.passes, rounds, which="cpu"
+        )
         results[str(list(shape))] = {
             name: {"ms": 1e3 * statistics.median(s), "speed_vs_bool_mask": common.median_ratio(seconds["bool_mask"], s)}
             for name, s in seconds.items()
         }
-    print(f"dropout p={args.p}, forward + backward, {torch.get_num_threads()} threads, process CPU time, "
-          f"median of {rounds} interleaved rounds")
+    print(
+        f"dropout p={args.p}, forward + backward, {torch.get_num_threads()} threads, process CPU time, "
+        f"median of {rounds} interleaved rounds"
+    )
     for shape, entry in results.items():
         print(shape, "  ".join(f"{n} {e['ms']:.2f} ms ({e['speed_vs_bool_mask']:.2f}x)" for n, e in entry.items()))
     return results

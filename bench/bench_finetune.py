@@ -6,7 +6,7 @@
 Classification data is skewed in length: most sentences are short, a few are long. Padding every batch to
 ``--max_seq_length`` spends almost all compute on [PAD]; padding to the longest row of a random batch still
 pays for the one long row that lands in most batches; grouping rows of similar length (sorted within
-mega-batches, ``ltgbert.tasks.LengthGroupedBatchSampler``) and padding per batch
+mega-batches, ``ltgbert.batching.length_grouped_order``, what launch/finetune.py uses) and padding per batch
 (``ltgbert.tasks.DynamicPaddingCollator``) removes most of it. The three set-ups train the same model on the
 same rows (one epoch: forward, backward, AdamW step) and the script prints rows/s side by side, the share
 of real tokens in the batches, and the speed-up of grouped + dynamic over max-length padding (the target
@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ltgbert import LtgBertConfig, LtgBertForSequenceClassification  # noqa: E402
-from ltgbert.tasks import DynamicPaddingCollator, EncodedSplit, LengthGroupedBatchSampler  # noqa: E402
+from ltgbert.batching import length_grouped_order, shuffled_order  # noqa: E402
+from ltgbert.tasks import DynamicPaddingCollator, EncodedSplit  # noqa: E402
 
 
 def skewed_lengths(rows: int, max_len: int, seed: int) -> np.ndarray:
@@ -81,22 +82,32 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    config = LtgBertConfig.from_preset(args.preset, vocab_size=1000, num_labels=2,
-                                       max_position_embeddings=args.max_seq_length)
+    config = LtgBertConfig.from_preset(
+        args.preset, vocab_size=1000, num_labels=2, max_position_embeddings=args.max_seq_length
+    )
     lengths = skewed_lengths(args.rows, args.max_seq_length, args.seed)
     split = synthetic_split(lengths, config.vocab_size, args.seed)
-    random_batches = LengthGroupedBatchSampler(lengths, args.batch_size, group_by_length=False, seed=args.seed).batches()
-    grouped_batches = LengthGroupedBatchSampler(lengths, args.batch_size, mega_batch_mult=args.mega_batch_mult,
-                                                seed=args.seed).batches()
+
+    def batches(order):
+        return [order[i : i + args.batch_size].tolist() for i in range(0, len(order), args.batch_size)]
+
+    random_batches = batches(shuffled_order(len(lengths), args.seed, 0, args.batch_size))
+    grouped_batches = batches(length_grouped_order(lengths, args.seed, 0, args.batch_size, args.mega_batch_mult))
     setups = {
-        "max-length padding, random batches": (random_batches, DynamicPaddingCollator(3, "binary", max_length=args.max_seq_length)),
+        "max-length padding, random batches": (
+            random_batches,
+            DynamicPaddingCollator(3, "binary", max_length=args.max_seq_length),
+        ),
         "dynamic padding, random batches": (random_batches, DynamicPaddingCollator(3, "binary")),
         "dynamic padding, length-grouped": (grouped_batches, DynamicPaddingCollator(3, "binary")),
     }
-    print(f"LTG-BERT {args.preset} ({sum(p.numel() for p in LtgBertForSequenceClassification(config).parameters()) / 1e6:.1f}M "
-          f"params) on {device}, torch threads {torch.get_num_threads()}; {args.rows} rows, batch {args.batch_size}, "
-          f"lengths median {int(np.median(lengths))}, mean {lengths.mean():.0f}, max {lengths.max()} "
-          f"(max_seq_length {args.max_seq_length})")
+    print(
+        f"LTG-BERT {args.preset} ("
+        f"{sum(p.numel() for p in LtgBertForSequenceClassification(config).parameters()) / 1e6:.1f}M "
+        f"params) on {device}, torch threads {torch.get_num_threads()}; {args.rows} rows, batch {args.batch_size}, "
+        f"lengths median {int(np.median(lengths))}, mean {lengths.mean():.0f}, max {lengths.max()} "
+        f"(max_seq_length {args.max_seq_length})"
+    )
     rates = {}
     for name, (batches, collator) in setups.items():
         torch.manual_seed(args.seed)
@@ -105,8 +116,10 @@ def main() -> None:
         rates[name] = args.rows / seconds
         print(f"  {name:<38} {rates[name]:9.1f} rows/s   {seconds:7.2f} s   real tokens {100 * fill:5.1f}%")
     first, last = list(rates.values())[0], list(rates.values())[-1]
-    print(f"speed-up of dynamic padding + length grouping over max-length padding: {last / first:.2f}x "
-          f"(over dynamic padding alone: {last / list(rates.values())[1]:.2f}x)")
+    print(
+        f"speed-up of dynamic padding + length grouping over max-length padding: {last / first:.2f}x "
+        f"(over dynamic padding alone: {last / list(rates.values())[1]:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

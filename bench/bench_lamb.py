@@ -30,13 +30,18 @@ def small_model_shapes(hidden=384, layers=12, intermediate=1024, vocab=16384, bu
     shapes = [(vocab, hidden), (hidden,), (hidden,), (2 * buckets - 1, hidden)]  # word emb, emb LN, rel. pos.
     for _ in range(layers):
         shapes += [
-            (2 * hidden, hidden), (2 * hidden,),  # query+key projection
-            (hidden, hidden), (hidden,),  # value
-            (hidden, hidden), (hidden,),  # output projection
-            (hidden,), (hidden,),  # post-attention norm
+            (2 * hidden, hidden),
+            (2 * hidden,),  # query+key projection
+            (hidden, hidden),
+            (hidden,),  # value
+            (hidden, hidden),
+            (hidden,),  # output projection
+            (hidden,),
+            (hidden,),  # post-attention norm
             (2 * intermediate, hidden),  # GEGLU up projection (no bias)
             (hidden, intermediate),  # down projection (no bias)
-            (hidden,), (hidden,),  # feed-forward norm
+            (hidden,),
+            (hidden,),  # feed-forward norm
         ]
     shapes += [(hidden, hidden), (hidden,), (hidden,), (hidden,), (vocab,)]  # MLM head transform, norm, bias
     return shapes
@@ -50,7 +55,9 @@ class ReferenceLamb(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0, always_adapt=False):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, always_adapt=always_adapt))
+        super().__init__(
+            params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, always_adapt=always_adapt)
+        )
 
     @torch.no_grad()
     def step(self):
@@ -125,7 +132,9 @@ def main():
         "adamw (foreach=True)": torch.optim.AdamW(
             groups_of(make_params(shapes, device, dtype), 0.1), lr=1e-3, foreach=True
         ),
-        "adamw (fused=True)": torch.optim.AdamW(groups_of(make_params(shapes, device, dtype), 0.1), lr=1e-3, fused=True),
+        "adamw (fused=True)": torch.optim.AdamW(
+            groups_of(make_params(shapes, device, dtype), 0.1), lr=1e-3, fused=True
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     for round_index in range(args.warmup + args.rounds):

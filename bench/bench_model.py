@@ -11,7 +11,8 @@ The small size: hidden 384, 12 layers, 6 heads, vocab 16384; LTG intermediate 10
 weights) vs BERT intermediate 1536 (2 x 1536 x 384): the same number of encoder weights. Base: hidden 768,
 12 heads, LTG intermediate 2048 vs BERT 3072. Every variant steps with the same optimizer (--optimizer).
 15% of the tokens are labelled; LTG projects onto the vocabulary only at those rows, BERT computes full
-logits as transformers does (the baseline users have). Variants run in interleaved rounds in one process; tokens/s are medians over
+logits as transformers does (the baseline users have). Variants run in interleaved rounds in one process;
+tokens/s are medians over
 rounds, the ratio is the median of per-round ratios, and MFU is the useful model FLOP rate (common.model_flops)
 over the machine's matmul rate: the fastest n^3 matmul of the whole run (timed twice in every round), so that a
 round whose short matmul sample was slowed by a neighbour does not inflate the figure. The per-round MFU range is
@@ -33,9 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 
-import common  # noqa: E402
 from ltgbert.distributed import cpu_has_native  # noqa: E402
 from ltgbert.optimization import Lamb, adamw, param_groups  # noqa: E402
 
@@ -43,27 +44,46 @@ from ltgbert.optimization import Lamb, adamw, param_groups  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--size", choices=["small", "base"], default="small",
-                   help="small: hidden 384, 12 layers; base: hidden 768, 12 layers, 12 heads (the published size)")
-    p.add_argument("--optimizer", choices=["adamw", "adamw_unfused", "lamb"], default="adamw",
-                   help="adamw: ltgbert.optimization.adamw (torch's fused kernel, as launch/ uses it); "
-                        "adamw_unfused: torch.optim.AdamW's own CPU default (before this option); lamb: ours")
+    p.add_argument(
+        "--size",
+        choices=["small", "base"],
+        default="small",
+        help="small: hidden 384, 12 layers; base: hidden 768, 12 layers, 12 heads (the published size)",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=["adamw", "adamw_unfused", "lamb"],
+        default="adamw",
+        help="adamw: ltgbert.optimization.adamw (torch's fused kernel, as launch/ uses it); "
+        "adamw_unfused: torch.optim.AdamW's own CPU default (before this option); lamb: ours",
+    )
     p.add_argument("--steps", type=int, default=2, help="training steps per variant per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--layers", type=int, default=None, help="override the layer count (quick profiling)")
-    p.add_argument("--compile", action="store_true",
-                   help="also run both models with every encoder layer torch.compile-d (regional compilation, "
-                        "as launch/pretrain.py --torch_compile does for LTG): ltg_compiled, bert_compiled")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run both models with every encoder layer torch.compile-d (regional compilation, "
+        "as launch/pretrain.py --torch_compile does for LTG): ltg_compiled, bert_compiled",
+    )
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --compile")
-    p.add_argument("--baseline", action="store_true", help="also run LTG with the pre-optimisation layer code, and with torch's nn.Dropout")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run LTG with the pre-optimisation layer code, and with torch's nn.Dropout",
+    )
     p.add_argument("--no_bert", action="store_true", help="LTG variants only (with --baseline: before/after)")
     p.add_argument("--matmul_size", type=int, default=2048)
     p.add_argument("--tiny", action="store_true", help="tiny shapes, one step, two rounds: a smoke test")
     p.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
-    p.add_argument("--clock", choices=["cpu", "wall"], default=None,
-                   help="process CPU time or wall time (default: cpu with one thread, else wall)")
+    p.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default=None,
+        help="process CPU time or wall time (default: cpu with one thread, else wall)",
+    )
     args = p.parse_args(argv)
     if args.tiny:
         args.steps, args.rounds, args.seq_len, args.batch_size, args.matmul_size = 1, 2, 32, 4, 256
@@ -77,7 +97,8 @@ def build_variants(args, shape):
     models = {"ltg": common.ltg_model(shape, args.seq_len)}
     if args.compile:
         models["ltg_compiled"] = common.ltg_model(shape, args.seq_len).compile_encoder_layers(
-            backend=args.compile_backend)
+            backend=args.compile_backend
+        )
     if args.baseline:
         models["ltg_before"] = common.use_before_attention(common.ltg_model(shape, args.seq_len))
         models["ltg_nn_dropout"] = common.use_torch_dropout(common.ltg_model(shape, args.seq_len))
@@ -125,15 +146,27 @@ def main(argv=None) -> dict:
             dtype = torch.float32 if name == "fp32" else torch_dtype
             peaks[name].append(common.matmul_rate(dtype, args.matmul_size, repeats=2, which=which))
 
-    seconds = common.interleaved({n: v[1] for n, v in variants.items()}, args.steps, args.rounds,
-                                 on_round=on_round, which=which)
+    seconds = common.interleaved(
+        {n: v[1] for n, v in variants.items()}, args.steps, args.rounds, on_round=on_round, which=which
+    )
 
     results = {
-        "shape": vars(shape), "size": "tiny" if args.tiny else args.size, "optimizer": args.optimizer,
-        "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "steps": args.steps, "rounds": args.rounds, "compile": args.compile, "n_masked": n_masked,
-        "model_flops_per_step": flops, "threads": torch.get_num_threads(), "clock": which,
-        "native_dtype": native, "peak_fp32_flops_by_round": peaks["fp32"], "models": {},
+        "shape": vars(shape),
+        "size": "tiny" if args.tiny else args.size,
+        "optimizer": args.optimizer,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "compile": args.compile,
+        "n_masked": n_masked,
+        "model_flops_per_step": flops,
+        "threads": torch.get_num_threads(),
+        "clock": which,
+        "native_dtype": native,
+        "peak_fp32_flops_by_round": peaks["fp32"],
+        "models": {},
     }
     best = {name: max(rates) for name, rates in peaks.items()}
     for name, rate in best.items():
@@ -151,8 +184,15 @@ def main(argv=None) -> dict:
             entry[f"mfu_{peak_name}_peak_range"] = [min(mfu_by_round), max(mfu_by_round)]
         results["models"][name] = entry
     # (faster, slower) pairs: each ratio is the slower variant's time over the faster one's.
-    pairs = [("ltg", "bert"), ("ltg_compiled", "bert"), ("ltg_compiled", "bert_compiled"), ("ltg_before", "bert"),
-             ("ltg_compiled", "ltg"), ("ltg", "ltg_before"), ("ltg", "ltg_nn_dropout")]
+    pairs = [
+        ("ltg", "bert"),
+        ("ltg_compiled", "bert"),
+        ("ltg_compiled", "bert_compiled"),
+        ("ltg_before", "bert"),
+        ("ltg_compiled", "ltg"),
+        ("ltg", "ltg_before"),
+        ("ltg", "ltg_nn_dropout"),
+    ]
     pairs = [(a, b) for a, b in pairs if a in seconds and b in seconds]
     ratios = {f"{a}/{b}": common.median_ratio(seconds[b], seconds[a]) for a, b in pairs}
     # Interference on a shared machine only ever slows a round down: the fastest rounds are the least disturbed.
@@ -165,10 +205,12 @@ def main(argv=None) -> dict:
 
 
 def report(results: dict) -> None:
-    print(f"{results['size']}  {results['dtype']}  {results['optimizer']}  batch {results['batch_size']} x "
-          f"{results['seq_len']}  {results['threads']} threads  "
-          f"compile={results['compile']}  masked {results['n_masked']}  clock {results['clock']}  "
-          f"model GFLOP/step {results['model_flops_per_step'] / 1e9:.1f}")
+    print(
+        f"{results['size']}  {results['dtype']}  {results['optimizer']}  batch {results['batch_size']} x "
+        f"{results['seq_len']}  {results['threads']} threads  "
+        f"compile={results['compile']}  masked {results['n_masked']}  clock {results['clock']}  "
+        f"model GFLOP/step {results['model_flops_per_step'] / 1e9:.1f}"
+    )
     dtype = results["dtype"]
     second = dtype != "fp32" and results["native_dtype"]
     peak_line = f"measured matmul peak (fastest of the run): fp32 {results['peak_fp32_flops'] / 1e9:.1f} GFLOP/s"
@@ -176,20 +218,28 @@ def report(results: dict) -> None:
         peak_line += f", {dtype} {results['peak_' + dtype + '_flops'] / 1e9:.1f} GFLOP/s"
     print(peak_line)
     if not results["native_dtype"]:
-        print(f"this CPU has no {dtype} matrix instructions ({torch.backends.cpu.get_cpu_capability()}): {dtype} is "
-              "emulated here, not a speed lever; MFU is against the fp32 rate only")
-    print(f"{'model':<16}{'params':>12}{'tokens/s':>12}{'MFU(fp32)':>11}{'per round':>16}" +
-          (f"{'MFU(' + dtype + ')':>11}" if second else ""))
+        print(
+            f"this CPU has no {dtype} matrix instructions ({torch.backends.cpu.get_cpu_capability()}): {dtype} is "
+            "emulated here, not a speed lever; MFU is against the fp32 rate only"
+        )
+    print(
+        f"{'model':<16}{'params':>12}{'tokens/s':>12}{'MFU(fp32)':>11}{'per round':>16}"
+        + (f"{'MFU(' + dtype + ')':>11}" if second else "")
+    )
     for name, e in results["models"].items():
         low, high = e["mfu_fp32_peak_range"]
-        line = (f"{name:<16}{e['params']:>12,}{e['tokens_per_s']:>12.0f}{100 * e['mfu_fp32_peak']:>10.1f}%"
-                f"{100 * low:>8.1f}-{100 * high:.1f}%")
+        line = (
+            f"{name:<16}{e['params']:>12,}{e['tokens_per_s']:>12.0f}{100 * e['mfu_fp32_peak']:>10.1f}%"
+            f"{100 * low:>8.1f}-{100 * high:.1f}%"
+        )
         if second:
             line += f"{100 * e['mfu_' + dtype + '_peak']:>10.1f}%"
         print(line)
     for name, r in results["ratios"].items():
-        print(f"speed ratio {name}: {r:.3f}x (median of per-round ratios; "
-              f"fastest rounds {results['ratios_fastest_rounds'][name]:.3f}x)")
+        print(
+            f"speed ratio {name}: {r:.3f}x (median of per-round ratios; "
+            f"fastest rounds {results['ratios_fastest_rounds'][name]:.3f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -34,15 +34,28 @@ def make_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIALS + stems + [f"##{c}" for c in SUFFIXES])}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1),
-                                                                                                ("[SEP]", 2)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]",
-                                                sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+    )
 
 
 def make_model(vocab_size: int):
-    common = dict(vocab_size=vocab_size, hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
-                  intermediate_size=1024, max_position_embeddings=512)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1024,
+        max_position_embeddings=512,
+    )
     try:
         import ltgbert
 
@@ -67,8 +80,16 @@ def make_pairs(n: int, vocab_size: int, seed: int = 0) -> list[dict]:
         good = [word() for _ in range(rng.randint(6, 12))]
         bad = list(good)
         bad[rng.randrange(len(bad))] = word()  # a minimal pair: one word differs
-        pairs.append({"sentence_good": " ".join(good), "sentence_bad": " ".join(bad), "field": "synthetic",
-                      "linguistics_term": "synthetic", "UID": f"uid{i % 10}", "pairID": str(i)})
+        pairs.append(
+            {
+                "sentence_good": " ".join(good),
+                "sentence_bad": " ".join(bad),
+                "field": "synthetic",
+                "linguistics_term": "synthetic",
+                "UID": f"uid{i % 10}",
+                "pairID": str(i),
+            }
+        )
     return pairs
 
 
@@ -88,25 +109,33 @@ def main() -> None:
     pairs = make_pairs(args.pairs, args.vocab_size)
     baseline_pairs = pairs[: args.baseline_pairs or args.pairs]
     tokens = sum(len(tokenizer(p[k])["input_ids"]) for p in pairs for k in ("sentence_good", "sentence_bad"))
-    print(f"model {type(model).__name__} hidden 384 x 12 layers, vocab {args.vocab_size}, device {args.device}, "
-          f"threads {torch.get_num_threads()}, variant {args.variant}")
+    print(
+        f"model {type(model).__name__} hidden 384 x 12 layers, vocab {args.vocab_size}, device {args.device}, "
+        f"threads {torch.get_num_threads()}, variant {args.variant}"
+    )
     print(f"{len(pairs)} pairs, {tokens / (2 * len(pairs)):.1f} tokens per sentence with [CLS]/[SEP]")
 
     # warm-up (kernels, allocator) outside the timed runs
     evaluate_blimp(model, tokenizer, pairs[:4], batch_tokens=args.batch_tokens, variant=args.variant)
     t0 = time.perf_counter()
-    fast = evaluate_blimp(model, tokenizer, pairs, batch_tokens=args.batch_tokens, variant=args.variant,
-                          return_scores=True)
-    print(f"batched (batch_tokens={args.batch_tokens}): {fast['sentences_per_second']:9.1f} sentences/s "
-          f"({time.perf_counter() - t0:.2f} s for {2 * len(pairs)} sentences)")
+    fast = evaluate_blimp(
+        model, tokenizer, pairs, batch_tokens=args.batch_tokens, variant=args.variant, return_scores=True
+    )
+    print(
+        f"batched (batch_tokens={args.batch_tokens}): {fast['sentences_per_second']:9.1f} sentences/s "
+        f"({time.perf_counter() - t0:.2f} s for {2 * len(pairs)} sentences)"
+    )
     t0 = time.perf_counter()
-    slow = evaluate_blimp(model, tokenizer, baseline_pairs, batch_tokens=1, variant=args.variant,
-                          return_scores=True)
-    print(f"one masked copy at a time:    {slow['sentences_per_second']:9.1f} sentences/s "
-          f"({time.perf_counter() - t0:.2f} s for {2 * len(baseline_pairs)} sentences)")
+    slow = evaluate_blimp(model, tokenizer, baseline_pairs, batch_tokens=1, variant=args.variant, return_scores=True)
+    print(
+        f"one masked copy at a time:    {slow['sentences_per_second']:9.1f} sentences/s "
+        f"({time.perf_counter() - t0:.2f} s for {2 * len(baseline_pairs)} sentences)"
+    )
     diff = max(abs(a - b) for f, s in zip(fast["scores"], slow["scores"]) for a, b in zip(f, s))
-    print(f"speed-up: {fast['sentences_per_second'] / slow['sentences_per_second']:.1f}x "
-          f"(max |score difference| {diff:.2e})")
+    print(
+        f"speed-up: {fast['sentences_per_second'] / slow['sentences_per_second']:.1f}x "
+        f"(max |score difference| {diff:.2e})"
+    )
 
 
 if __name__ == "__main__":

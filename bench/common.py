@@ -12,7 +12,6 @@ the steadier measure, with more threads it also counts OpenMP spin-waiting and w
 from __future__ import annotations
 
 import contextlib
-import math
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ltgbert import LtgBertConfig, LtgBertForMaskedLM  # noqa: E402
+from ltgbert.flops import measure_matmul_rate, training_flops_per_token  # noqa: E402
 
 
 @dataclass
@@ -41,19 +41,24 @@ class Shape:
     bert_intermediate: int = 1536  # plain GELU: 2 x 1536 x hidden weights, the same count
 
     @classmethod
-    def tiny(cls) -> "Shape":
+    def tiny(cls) -> Shape:
         return cls(hidden=32, layers=2, heads=4, vocab=512, ltg_intermediate=64, bert_intermediate=96)
 
     @classmethod
-    def base(cls) -> "Shape":
+    def base(cls) -> Shape:
         return cls(hidden=768, layers=12, heads=12, vocab=16384, ltg_intermediate=2048, bert_intermediate=3072)
 
 
 def ltg_model(shape: Shape, max_len: int, attn_implementation: str = "sdpa", **config_kwargs) -> LtgBertForMaskedLM:
     config = LtgBertConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, intermediate_size=shape.ltg_intermediate,
-        max_position_embeddings=max(512, max_len), attn_implementation=attn_implementation, **config_kwargs,
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        intermediate_size=shape.ltg_intermediate,
+        max_position_embeddings=max(512, max_len),
+        attn_implementation=attn_implementation,
+        **config_kwargs,
     )
     return LtgBertForMaskedLM(config)
 
@@ -62,8 +67,11 @@ def bert_model(shape: Shape, max_len: int):
     from transformers import BertConfig, BertForMaskedLM
 
     config = BertConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, intermediate_size=shape.bert_intermediate,
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        intermediate_size=shape.bert_intermediate,
         max_position_embeddings=max(512, max_len),
     )
     return BertForMaskedLM(config)
@@ -82,19 +90,12 @@ def mlm_batch(vocab: int, batch_size: int, seq_len: int, mask_prob: float = 0.15
 
 
 def model_flops(shape: Shape, batch_size: int, seq_len: int, n_masked: int) -> float:
-    """Useful training FLOPs of one step, the same count for LTG-BERT and BERT (they have equal weights).
-
-    FLOPs = 6 * N * tokens + 12 * L * H * T * tokens + 6 * (H^2 + H * V) * n_masked, where
-      N = 12 * L * H^2   matmul weights of the encoder (attention 4 H^2, feed-forward 8 H^2; both models),
-      6                  = 2 (multiply-add) x 3 (forward + two backward matmuls),
-      12 * L * H * T     attention scores and weighted sum: 2 matmuls x 2 x T x H per token, x 3 for training,
-      the MLM head       dense H x H + vocabulary projection, counted only at the masked positions: the
-                         full-vocabulary logits BERT computes everywhere are not useful work.
-    Embedding lookups, norms, activations and LTG's relative-position terms are not counted.
-    """
-    h, layers, tokens = shape.hidden, shape.layers, batch_size * seq_len
-    return 6.0 * 12 * layers * h * h * tokens + 12.0 * layers * h * seq_len * tokens + 6.0 * (
-        h * h + h * shape.vocab) * n_masked
+    """Useful training FLOPs of one step (``ltgbert.flops``: the count behind the training logs' MFU too), the
+    same for LTG-BERT and BERT: the shapes give both models the same feed-forward weights."""
+    tokens = batch_size * seq_len
+    return tokens * training_flops_per_token(
+        shape.hidden, shape.layers, 3 * shape.hidden * shape.ltg_intermediate, shape.vocab, seq_len, n_masked / tokens
+    )
 
 
 def clock() -> str:
@@ -106,19 +107,19 @@ def now(which: str) -> float:
     return time.process_time() if which == "cpu" else time.perf_counter()
 
 
-def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 1, device="cpu",
-                which: str = "wall") -> float:
-    """FLOP/s of one n^3 matmul (the best of `repeats`): the machine's practical peak for this dtype."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    best = math.inf
-    for _ in range(repeats + 1):  # the first call warms up the kernel
-        sync(device)
-        start = now(which)
-        a @ b
-        sync(device)
-        best = min(best, now(which) - start)
-    return 2.0 * n ** 3 / best
+def matmul_rate(
+    dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 1, device="cpu", which: str = "wall"
+) -> float:
+    """FLOP/s of the fastest of `repeats` n^3 matmuls (``ltgbert.flops.measure_matmul_rate``) on the bench clock."""
+    return measure_matmul_rate(dtype, n, repeats, device, clock=lambda: now(which))
+
+
+def mlm_loss(model, batch):
+    """The MLM loss of one batch; LTG-BERT projects only the labelled positions onto the vocabulary (as
+    pretraining does, and as the FLOP count assumes), BERT every position (all it can do)."""
+    if getattr(model.config, "model_type", None) == "ltgbert":
+        return model(**batch, labelled_logits_only=True).loss
+    return model(**batch).loss
 
 
 def sync(device) -> None:
@@ -137,7 +138,7 @@ def train_step_fn(model, optimizer, batch, dtype: str = "fp32", device="cpu"):
 
     def step():
         with autocast(dtype, device):
-            loss = model(**batch).loss
+            loss = mlm_loss(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -155,8 +156,9 @@ def time_steps(step, steps: int, device="cpu", which: str = "wall") -> float:
     return now(which) - start
 
 
-def interleaved(variants: dict, steps: int, rounds: int, device="cpu", on_round=None,
-                which: str = "wall") -> dict[str, list[float]]:
+def interleaved(
+    variants: dict, steps: int, rounds: int, device="cpu", on_round=None, which: str = "wall"
+) -> dict[str, list[float]]:
     """Seconds per step of every variant in every round; the order alternates between rounds (A B, B A)."""
     names = list(variants)
     for name in names:  # warm-up: allocator, kernels, compilation
@@ -212,7 +214,11 @@ def _before_attention_forward(self, hidden, relative, bucket_index, padding_mask
     if padding_mask is not None:
         bias = bias.masked_fill(~padding_mask[:, None, None, :], torch.finfo(bias.dtype).min)
     context = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=bias, scale=self.scale,
+        query,
+        key,
+        value,
+        attn_mask=bias,
+        scale=self.scale,
         dropout_p=self.attention_dropout.p if self.training else 0.0,
     )
     context = context.transpose(1, 2).reshape(batch, seq, -1)

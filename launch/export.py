@@ -1,84 +1,103 @@
-"""Export a Hugging Face model directory from any pretraining checkpoint.
+"""Export a Hugging Face model directory from any pretraining checkpoint, and publish a run on the Hub.
 
     python launch/export.py --checkpoint outputs/pretrain-demo/checkpoints/step_00000400 --output_dir exported/
+    python launch/export.py --run_dir runs/babylm-10m --push_to_hub my-user/ltgbert-babylm-10m
 
-The result is what pretraining writes to final/: consolidated weights (ZeRO shards are merged), config with
-auto_map, the tokenizer and the two remote-code files; `AutoModelForMaskedLM.from_pretrained` and
+    python launch/export.py --checkpoint path/to/published-hplt-model --output_dir converted/
+
+An export is what pretraining writes to final/: consolidated weights (ZeRO shards are merged), config with
+auto_map, the tokenizer and the two remote-code files; AutoModelForMaskedLM.from_pretrained and
 launch/finetune.py load it. Works offline on one CPU, whatever the world size that wrote the checkpoint.
+
+--push_to_hub publishes a pretraining run as the BabyLM evaluation reads it: <run_dir>/final/ on the main branch
+and every word milestone checkpoints/chck_{N}M/ as a branch of that name (with --checkpoint instead: the exported
+directory on main). Exit codes: 0 done, 2 bad input (also: offline, not logged in).
 """
 
-import json
+from __future__ import annotations
+
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ltgbert.errors import UserError  # noqa: E402
 
 
 @dataclass
 class ExportArguments:
-    checkpoint: str = field(metadata={"help": "A checkpoints/step_XXXXXXXX directory written by pretrain.py."})
-    output_dir: str = field(metadata={"help": "Where the Hugging Face model directory is written."})
+    """Flags of launch/export.py."""
+
+    checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "What to export: a checkpoints/step_XXXXXXXX directory written by launch/pretrain.py, or a model "
+            "directory or Hub id (a published LTG-BERT/HPLT one is rewritten in our layout, without running its code)."
+        },
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Where the exported model directory goes."})
     tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer directory (default: the one the run used)."})
+        default=None, metadata={"help": "Tokenizer directory (default: the one the run used)."}
+    )
+    run_dir: str | None = field(
+        default=None,
+        metadata={"help": "A pretraining --output_dir whose final/ and checkpoints/chck_*M/ --push_to_hub publishes."},
+    )
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={"help": "Hub repository id (user/name): final/ (or the export) as main, each chck_{N}M as a branch."},
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+
+    def __post_init__(self):
+        if self.checkpoint is None and self.push_to_hub is None:
+            raise ValueError("pass --checkpoint DIR --output_dir OUT to export, and/or --push_to_hub REPO_ID")
+        if self.checkpoint is not None and self.output_dir is None:
+            raise ValueError("--checkpoint needs --output_dir (where the model directory is written)")
+        if self.push_to_hub is not None and self.run_dir is None and self.checkpoint is None:
+            raise ValueError("--push_to_hub needs --run_dir (a pretraining output directory) or --checkpoint")
+        if self.run_dir is not None and self.checkpoint is not None:
+            raise ValueError("pass --run_dir (publish a run) or --checkpoint (export one checkpoint), not both")
 
 
-def load_checkpoint_weights(checkpoint: Path):
-    """The model's full fp32 state dict from an accelerate/DeepSpeed checkpoint directory."""
-    from safetensors.torch import load_file
+def main(args: ExportArguments) -> int:
+    from ltgbert.checkpointing import export_checkpoint
 
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (checkpoint / name).exists():
-            if name.endswith(".safetensors"):
-                return load_file(checkpoint / name)
-            import torch
+    if args.checkpoint is not None:
+        out = export_checkpoint(args.checkpoint, args.output_dir, args.tokenizer_name)
+        print(f"exported {args.checkpoint} to {out}")
+    if args.push_to_hub is not None:
+        from ltgbert.hub import push_run
 
-            return torch.load(checkpoint / name, map_location="cpu", weights_only=True)
-    zero_dirs = [p for p in checkpoint.iterdir() if p.is_dir() and any(p.glob("*model_states.pt"))]
-    if zero_dirs:  # DeepSpeed: merge the ZeRO partitions
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=zero_dirs[0].name)
-    raise UserError(f"no model weights in {checkpoint}; pass a checkpoints/step_* directory written by pretrain.py")
-
-
-def export(checkpoint, output_dir, tokenizer_name=None):
-    from transformers import AutoTokenizer
-
-    from ltgbert import LtgBertConfig, LtgBertForMaskedLM
-
-    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    state_file = checkpoint / "trainer_state.json"
-    if not state_file.exists():
-        raise UserError(f"{checkpoint} is not a pretraining checkpoint (no trainer_state.json)")
-    run = json.loads(state_file.read_text())["config"]
-    config = LtgBertConfig(**{k: v for k, v in run["model_config"].items() if k != "model_type"})
-    model = LtgBertForMaskedLM(config)
-    weights = load_checkpoint_weights(checkpoint)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k != "lm_head.decoder.weight"]  # tied to the word embeddings
-    if missing or unexpected:
-        raise UserError(f"checkpoint {checkpoint} does not match its model config (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}); it may be corrupt")
-    model.tie_weights()
-    tokenizer_dir = tokenizer_name or run.get("tokenizer_name") or str(checkpoint.parents[1] / "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    return output_dir
+        if args.run_dir is not None:
+            urls = push_run(args.run_dir, args.push_to_hub, private=args.hub_private, token=args.hub_token)
+        else:  # the single export, as main
+            staging = Path(args.output_dir)
+            if not (staging / "config.json").is_file():
+                raise UserError(f"{staging} holds no model directory to push")
+            urls = _push_single(staging, args)
+        for revision, url in urls.items():
+            print(f"pushed {revision}: {url}")
+    return 0
 
 
-def run(args: ExportArguments):
-    out = export(args.checkpoint, args.output_dir, args.tokenizer_name)
-    print(f"exported {args.checkpoint} to {out}")
+def _push_single(model_dir: Path, args: ExportArguments) -> dict[str, str]:
+    import tempfile
+
+    from ltgbert.hub import push_run
+
+    # push_run reads a run layout; an exported directory is a run with only final/.
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "final").symlink_to(model_dir.resolve(), target_is_directory=True)
+        return push_run(tmp, args.push_to_hub, private=args.hub_private, token=args.hub_token)
 
 
-def cli(argv=None):
+def cli(argv=None) -> int:
     from ltgbert.arguments import run_entry_point
 
-    return run_entry_point(ExportArguments, run, argv)
+    return run_entry_point(ExportArguments, main, argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ seeds per task and learning rate, and the best learning rate per task.
 
 Every run below ``--sweep_dir`` that finished (it has a ``metrics.json`` written by launch/finetune.py) counts;
 its seed and learning rate come from the ``run_config.json`` beside it (the resolved arguments), its task from
-the sweep's directory layout ``<sweep_dir>/<task>/<run>/`` (else from metrics.json). The score of a run is its best validation value of the metric that picked
+the sweep's directory layout ``<sweep_dir>/<task>/<run>/`` (else from metrics.json). The score of a run is its
+best validation value of the metric that picked
 its best model (``metric_for_best_model`` in metrics.json) unless ``--metric`` names another; the test value
 of the same metric is reported too when the test split had labels. The best learning rate of a task is the
 one with the best mean validation score (the highest, or the lowest for losses and errors).
@@ -17,18 +18,18 @@ missing, so a half-finished sweep can be inspected too.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ltgbert.errors import UserError  # noqa: E402
+from ltgbert.io import write_text  # noqa: E402
 from ltgbert.metrics import greater_is_better  # noqa: E402
 
 
@@ -55,8 +56,10 @@ def load_run(metrics_path: Path, sweep_dir: Path, metric: str | None) -> Run:
     name = (metric or metrics.get("metric_for_best_model") or "").removeprefix("eval_")
     evals = metrics.get("eval") or {}
     if name not in evals:
-        raise UserError(f"{metrics_path} has no validation value of '{name}' (it has: "
-                        f"{', '.join(k for k in evals if k not in ('step', 'epoch'))}); choose one with --metric")
+        raise UserError(
+            f"{metrics_path} has no validation value of '{name}' (it has: "
+            f"{', '.join(k for k in evals if k not in ('step', 'epoch'))}); choose one with --metric"
+        )
     test = (metrics.get("test") or {}).get(name)
     # The sweep's layout is <sweep_dir>/<task>/<run>/: that names a task of local files too (metrics.json
     # calls every such task "custom"); anywhere else the task name in metrics.json is all there is.
@@ -91,12 +94,20 @@ def summarize(runs: list[Run]) -> list[dict]:
         eval_mean, eval_std = mean_std([r.eval_score for r in group])
         tests = [r.test_score for r in group if r.test_score is not None]
         test_mean, test_std = mean_std(tests) if tests else (math.nan, math.nan)
-        rows.append({
-            "task": task, "learning_rate": lr, "metric": group[0].metric,
-            "seeds": " ".join(str(s) for s in sorted(r.seed for r in group)), "num_seeds": len(group),
-            "eval_mean": eval_mean, "eval_std": eval_std, "test_mean": test_mean, "test_std": test_std,
-            "best": False,
-        })
+        rows.append(
+            {
+                "task": task,
+                "learning_rate": lr,
+                "metric": group[0].metric,
+                "seeds": " ".join(str(s) for s in sorted(r.seed for r in group)),
+                "num_seeds": len(group),
+                "eval_mean": eval_mean,
+                "eval_std": eval_std,
+                "test_mean": test_mean,
+                "test_std": test_std,
+                "best": False,
+            }
+        )
     for task in {r["task"] for r in rows}:
         candidates = [r for r in rows if r["task"] == task]
         sign = 1 if greater_is_better(candidates[0]["metric"]) else -1
@@ -115,12 +126,22 @@ def to_markdown(rows: list[dict], missing: list[Path]) -> str:
     ]
     for r in rows:
         test = "" if math.isnan(r["test_mean"]) else f"{fmt(r['test_mean'])} ± {fmt(r['test_std'])}"
-        lines.append(f"| {r['task']} | {r['learning_rate']:g} | {r['metric']} | {r['num_seeds']} "
-                     f"| {fmt(r['eval_mean'])} ± {fmt(r['eval_std'])} | {test} | {'**best**' if r['best'] else ''} |")
-    lines += ["", "Best learning rate per task:", "", "| task | learning rate | validation | test |", "|---|---|---|---|"]
+        lines.append(
+            f"| {r['task']} | {r['learning_rate']:g} | {r['metric']} | {r['num_seeds']} "
+            f"| {fmt(r['eval_mean'])} ± {fmt(r['eval_std'])} | {test} | {'**best**' if r['best'] else ''} |"
+        )
+    lines += [
+        "",
+        "Best learning rate per task:",
+        "",
+        "| task | learning rate | validation | test |",
+        "|---|---|---|---|",
+    ]
     for r in (r for r in rows if r["best"]):
         test = "" if math.isnan(r["test_mean"]) else f"{fmt(r['test_mean'])} ± {fmt(r['test_std'])}"
-        lines.append(f"| {r['task']} | {r['learning_rate']:g} | {fmt(r['eval_mean'])} ± {fmt(r['eval_std'])} | {test} |")
+        lines.append(
+            f"| {r['task']} | {r['learning_rate']:g} | {fmt(r['eval_mean'])} ± {fmt(r['eval_std'])} | {test} |"
+        )
     if missing:
         lines += ["", f"Unfinished runs (no metrics.json): {len(missing)}"]
         lines += [f"- {p}" for p in missing]
@@ -128,8 +149,18 @@ def to_markdown(rows: list[dict], missing: list[Path]) -> str:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    fields = ["task", "learning_rate", "metric", "num_seeds", "seeds", "eval_mean", "eval_std", "test_mean",
-              "test_std", "best"]
+    fields = [
+        "task",
+        "learning_rate",
+        "metric",
+        "num_seeds",
+        "seeds",
+        "eval_mean",
+        "eval_std",
+        "test_mean",
+        "test_std",
+        "best",
+    ]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -150,25 +181,31 @@ def gather(sweep_dir: Path, metric: str | None = None) -> tuple[list[dict], str]
     missing = sorted(started - {r.path for r in runs})
     rows = summarize(runs)
     markdown = to_markdown(rows, missing)
-    (sweep_dir / "sweep_results.md").write_text(markdown, encoding="utf-8")
+    write_text(sweep_dir / "sweep_results.md", markdown)
     write_csv(rows, sweep_dir / "sweep_results.csv")
     return rows, markdown
 
 
-def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweep_dir", required=True, type=Path, help="the sweep's SWEEP_DIR")
-    parser.add_argument("--metric", default=None,
-                        help="metric to compare (default: each run's metric_for_best_model)")
-    args = parser.parse_args(argv)
-    try:
-        _, markdown = gather(args.sweep_dir, args.metric)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+@dataclass
+class GatherArguments:
+    """Flags of launch/gather_sweep.py."""
+
+    sweep_dir: str = field(metadata={"help": "The sweep's SWEEP_DIR (runs below it as <task>/<run>/)."})
+    metric: str | None = field(
+        default=None, metadata={"help": "Metric to compare (default: each run's metric_for_best_model)."}
+    )
+
+
+def main(args: GatherArguments) -> int:
+    _, markdown = gather(Path(args.sweep_dir), args.metric)
     print(markdown, end="")
     return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from ltgbert.arguments import run_entry_point
+
+    return run_entry_point(GatherArguments, main, argv, description=__doc__)
 
 
 if __name__ == "__main__":

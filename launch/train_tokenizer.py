@@ -20,8 +20,6 @@ from pathlib import Path
 # run as a script from a checkout: make the package importable without installing it
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ltgbert.errors import UserError  # noqa: E402
-
 
 @dataclass
 class TokenizerArguments:
@@ -29,8 +27,12 @@ class TokenizerArguments:
 
     train_file: list[str] | None = field(
         default=None,
-        metadata={"help": "Training files: plain text (.txt) or one format of .jsonl/.json/.parquet/.csv/.tsv "
-                          "(default: the built-in demo corpus).", "nargs": "+", "aliases": ["--train_files"]},
+        metadata={
+            "help": "Training files: plain text (.txt) or one format of .jsonl/.json/.parquet/.csv/.tsv "
+            "(default: the built-in demo corpus).",
+            "nargs": "+",
+            "aliases": ["--train_files"],
+        },
     )
     text_column: str = field(default="text", metadata={"help": "Text column of structured files."})
     vocab_size: int = field(default=16384, metadata={"help": "Vocabulary size upper bound (special tokens included)."})
@@ -42,12 +44,12 @@ class TokenizerArguments:
 
     def __post_init__(self):
         if self.vocab_size < 16:
-            raise UserError(f"--vocab_size must be at least 16, got {self.vocab_size}")
+            raise ValueError(f"--vocab_size must be at least 16, got {self.vocab_size}")
         if self.min_frequency < 1:
-            raise UserError(f"--min_frequency must be >= 1, got {self.min_frequency}")
+            raise ValueError(f"--min_frequency must be >= 1, got {self.min_frequency}")
 
 
-def run(args: TokenizerArguments):
+def main(args: TokenizerArguments):
     from ltgbert.tokenization import train_tokenizer
 
     files = args.train_file
@@ -65,15 +67,18 @@ def run(args: TokenizerArguments):
         model_max_length=args.model_max_length,
         text_column=args.text_column,
     )
-    print(f"trained a WordPiece tokenizer with {len(tokenizer)} tokens on {len(files)} file(s); saved to {args.output_dir}")
+    print(
+        f"trained a WordPiece tokenizer with {len(tokenizer)} tokens on {len(files)} file(s); "
+        f"saved to {args.output_dir}"
+    )
     return tokenizer
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     from ltgbert.arguments import run_entry_point
 
-    return run_entry_point(TokenizerArguments, run, argv)
+    return run_entry_point(TokenizerArguments, main, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

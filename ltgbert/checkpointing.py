@@ -32,6 +32,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from ltgbert.errors import UserError
+from ltgbert.io import write_json
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -43,6 +44,11 @@ __all__ = [
     "find_latest_checkpoint",
     "list_checkpoints",
     "export_final_model",
+    "export_checkpoint",
+    "checkpoint_weights",
+    "parse_word_milestones",
+    "milestone_name",
+    "WORD_MILESTONE_PRESETS",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -56,6 +62,49 @@ _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 def checkpoint_name(step: int) -> str:
     """Directory name of the checkpoint after ``step`` optimizer updates: ``step_00001234``."""
     return f"step_{step:08d}"
+
+
+# BabyLM 2025/2026 intermediate checkpoints, in words: strict-small every 1M to 10M, then every 10M to 100M;
+# strict also every 100M to 1000M.
+WORD_MILESTONE_PRESETS = {
+    "babylm_strict_small": [m * 10**6 for m in range(1, 10)] + [m * 10**7 for m in range(1, 11)],
+    "babylm_strict": (
+        [m * 10**6 for m in range(1, 10)] + [m * 10**7 for m in range(1, 10)] + [m * 10**8 for m in range(1, 11)]
+    ),
+}
+_WORD_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+
+
+def parse_word_milestones(spec: str) -> list[int]:
+    """``--save_at_words``: a preset name or a comma-separated list of word counts (1M, 500K, 2.5M, 1000000)."""
+    if spec in WORD_MILESTONE_PRESETS:
+        return list(WORD_MILESTONE_PRESETS[spec])
+    counts = set()
+    for item in spec.split(","):
+        item = item.strip().upper()
+        if not item:
+            continue
+        unit = item[-1] if item[-1] in _WORD_UNITS and not item[-1].isdigit() else ""
+        number = item[: len(item) - len(unit)]
+        try:
+            value = float(number) * _WORD_UNITS[unit]
+        except ValueError:
+            value = -1
+        if value <= 0 or not value.is_integer():
+            raise UserError(
+                f"--save_at_words: {item!r} is not a word count; use e.g. 1M,2M,10M (K, M, B suffixes) "
+                f"or a preset: {', '.join(WORD_MILESTONE_PRESETS)}"
+            )
+        counts.add(int(value))
+    if not counts:
+        raise UserError("--save_at_words is empty; give word counts such as 1M,2M or a preset")
+    return sorted(counts)
+
+
+def milestone_name(words: int) -> str:
+    """Release directory of a word milestone, as the BabyLM evaluation names revisions: ``chck_10M``."""
+    millions = words / 10**6
+    return f"chck_{millions:g}M"
 
 
 # -----------------------------------------------------------------------------
@@ -82,16 +131,6 @@ def _fsync_tree(root: Path) -> None:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(Path(dirpath))
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _file_listing(root: Path) -> dict[str, int]:
@@ -198,12 +237,13 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        _write_json(tmp / TRAINER_STATE_NAME, {**state, "step": step})
+        write_json(tmp / TRAINER_STATE_NAME, {**state, "step": step}, sort_keys=True)
         _fsync_tree(tmp)
         # Written last: its presence means every file above is complete; it lists them for load-time checks.
-        _write_json(
+        write_json(
             tmp / COMPLETE_NAME,
             {"step": step, "num_processes": accelerator.num_processes, "files": _file_listing(tmp)},
+            sort_keys=True,
         )
         _fsync_dir(tmp)
         _commit_dir(tmp, final)
@@ -212,7 +252,7 @@ def save_checkpoint(
     return final
 
 
-def _check_complete(path: Path) -> dict[str, Any]:
+def check_complete(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist; pass an existing checkpoint directory or 'latest'")
     marker = path / COMPLETE_NAME
@@ -241,27 +281,23 @@ def _check_complete(path: Path) -> dict[str, Any]:
 def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> dict[str, Any]:
     """Restores model, optimizer, scheduler, scaler and RNG states from ``path``; returns trainer_state.json.
 
-    Call after ``accelerator.prepare`` with the same objects (and the same number of processes for
-    DeepSpeed checkpoints). Every rank must call it. A missing, incomplete or damaged checkpoint raises
-    ``UserError`` naming the path.
+    Call after ``accelerator.prepare`` with the same objects, on any number of processes (for DeepSpeed, after
+    ``prepare_resume`` before ``prepare``). Every rank must call it. A missing, incomplete or damaged checkpoint
+    raises ``UserError`` naming the path.
     """
     path = Path(path)
-    manifest = _check_complete(path)
+    manifest = check_complete(path)
     saved_world = manifest.get("num_processes", accelerator.num_processes)
-    if accelerator.distributed_type.name == "DEEPSPEED" and saved_world != accelerator.num_processes:
-        # ZeRO partitions are per rank; a different world size cannot load them with load_state.
-        raise UserError(
-            f"checkpoint {path} was saved by {saved_world} DeepSpeed processes but this run has "
-            f"{accelerator.num_processes}; relaunch with --num_processes {saved_world}"
-        )
+    trainer_state = _read_trainer_state(path)
     try:
-        trainer_state = json.loads((path / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"checkpoint {path} has an unreadable {TRAINER_STATE_NAME} ({e}); delete the checkpoint"
-        ) from None
-    try:
-        accelerator.load_state(str(path))
+        if saved_world != accelerator.num_processes:
+            # Another world size: ZeRO partitions re-partitioned, missing per-rank RNG files filled (ltgbert.elastic;
+            # under DeepSpeed ``prepare_resharded_resume`` converted the checkpoint before ``prepare``).
+            from ltgbert.elastic import load_state_resharded
+
+            load_state_resharded(accelerator, path, saved_world)
+        else:
+            accelerator.load_state(str(path))
     except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, RuntimeError) as e:
         detail = " ".join(str(e).split())[:300]
         raise UserError(
@@ -269,6 +305,15 @@ def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> dict[s
             "optimizer or is damaged: check the run's config or resume from an earlier checkpoint"
         ) from None
     return trainer_state
+
+
+def _read_trainer_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"checkpoint {path} has an unreadable {TRAINER_STATE_NAME} ({e}); delete the checkpoint"
+        ) from None
 
 
 # -----------------------------------------------------------------------------
@@ -299,7 +344,9 @@ def export_final_model(
         tmp.parent.mkdir(parents=True, exist_ok=True)
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            from ltgbert.tokenization import save_tokenizer
+
+            save_tokenizer(tokenizer, tmp)
         if before_commit is not None:
             before_commit(tmp)
         _fsync_tree(tmp)
@@ -319,3 +366,95 @@ def enable_activation_checkpointing(model, use_reentrant: bool = False) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
+# -----------------------------------------------------------------------------
+# a training checkpoint -> a model directory
+
+
+def _model_of_training_checkpoint(checkpoint: Path):
+    """(LtgBertForMaskedLM with the checkpoint's weights, the run's tokenizer directory)."""
+    from ltgbert import LtgBertConfig, LtgBertForMaskedLM
+    from ltgbert.modeling_ltgbert import convert_state_dict
+
+    run = _read_trainer_state(checkpoint).get("config") or {}
+    if "model_config" not in run:
+        raise UserError(f"{checkpoint} does not record its model config (not written by launch/pretrain.py)")
+    config = LtgBertConfig(**{k: v for k, v in run["model_config"].items() if k != "model_type"})
+    model = LtgBertForMaskedLM(config)
+    # convert_state_dict: checkpoints written before the MLM bias moved into the decoder name it lm_head.bias.
+    missing, unexpected = model.load_state_dict(convert_state_dict(checkpoint_weights(checkpoint)), strict=False)
+    missing = [k for k in missing if k != "lm_head.decoder.weight"]  # tied to the word embeddings
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint {checkpoint} does not match its model config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); it may be corrupt"
+        )
+    model.tie_weights()
+    tokenizer_dir = (
+        run.get("tokenizer_name") or run.get("model_name_or_path") or str(checkpoint.parents[1] / "tokenizer")
+    )
+    return model, tokenizer_dir
+
+
+def checkpoint_weights(checkpoint: Path) -> dict[str, Any]:
+    """The model's full fp32 state dict from an accelerate (or DeepSpeed, any ZeRO stage) checkpoint directory."""
+    import torch
+    from safetensors.torch import load_file
+
+    if (checkpoint / "model.safetensors").exists():
+        return load_file(checkpoint / "model.safetensors")
+    if (checkpoint / "pytorch_model.bin").exists():
+        return torch.load(checkpoint / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    zero_dirs = [p for p in checkpoint.iterdir() if p.is_dir() and any(p.glob("*model_states.pt"))]
+    if zero_dirs:  # DeepSpeed: merge the ZeRO partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=zero_dirs[0].name)
+    raise UserError(f"no model weights in {checkpoint}; pass a checkpoints/step_* directory written by pretrain.py")
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike, output_dir: str | os.PathLike, tokenizer_name: str | None = None
+) -> Path:
+    """A model directory as pretraining's final/ is: consolidated weights, config with auto_map, the two
+    remote-code files and the tokenizer, from
+
+    - a pretraining checkpoint (``checkpoints/step_*``, any world size, ZeRO shards included), or
+    - any LTG-BERT model directory or Hub id, a published LTG-BERT/HPLT one included (read into our classes
+      without running its code; written in our layout: ``model_type``, our key names, safetensors).
+
+    Offline, on one CPU process. Written atomically: an existing ``output_dir`` is replaced only once the new one
+    is whole.
+    """
+    from ltgbert.loading import load_tokenizer
+    from ltgbert.tokenization import save_tokenizer
+
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    if (checkpoint / TRAINER_STATE_NAME).is_file():
+        model, tokenizer_dir = _model_of_training_checkpoint(checkpoint)
+    else:
+        from ltgbert import LtgBertForMaskedLM
+        from ltgbert.loading import load_model
+
+        looks_like_hub_id = not checkpoint.is_absolute() and len(checkpoint.parts) == 2
+        if not checkpoint.exists() and not looks_like_hub_id:
+            raise UserError(
+                f"{checkpoint} does not exist; pass a checkpoints/step_* directory, a model directory or a Hub id"
+            )
+        if checkpoint.exists() and not (checkpoint / "config.json").is_file():
+            raise UserError(
+                f"{checkpoint} is neither a pretraining checkpoint (no {TRAINER_STATE_NAME}) nor a model directory "
+                "(no config.json); pass a checkpoints/step_* directory or a model directory"
+            )
+        model, tokenizer_dir = load_model(LtgBertForMaskedLM, str(checkpoint)), str(checkpoint)
+    tokenizer = load_tokenizer(tokenizer_name or tokenizer_dir, config=model.config)
+    tmp = output_dir.with_name(f"{TMP_PREFIX}{output_dir.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    save_tokenizer(tokenizer, tmp)
+    _fsync_tree(tmp)
+    _commit_dir(tmp, output_dir)
+    return output_dir

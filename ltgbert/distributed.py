@@ -50,8 +50,16 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list
 
-__all__ = ["make_accelerator", "all_ranks_any", "all_ranks_all", "broadcast_object", "world_size_from_env",
-           "cpu_has_native", "warn_if_cpu_precision_is_emulated"]
+__all__ = [
+    "make_accelerator",
+    "is_deepspeed",
+    "all_ranks_any",
+    "all_ranks_all",
+    "broadcast_object",
+    "world_size_from_env",
+    "cpu_has_native",
+    "warn_if_cpu_precision_is_emulated",
+]
 
 
 def world_size_from_env() -> int:
@@ -133,9 +141,16 @@ def warn_if_cpu_precision_is_emulated(device: torch.device, mixed_precision: str
         f"mixed precision {mixed_precision} on a CPU without {mixed_precision} matrix instructions "
         f"(capability {torch.backends.cpu.get_cpu_capability()}): the matmuls are emulated and training runs "
         "several times slower than fp32 (bf16 on an AVX2 CPU: 13x for the small model); drop --mixed_precision "
-        f"{mixed_precision}, or run on a GPU or a CPU with {instructions}", stacklevel=3,
+        f"{mixed_precision}, or run on a GPU or a CPU with {instructions}",
+        stacklevel=3,
     )
     return True
+
+
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    """The one way ltgbert asks whether a run is under DeepSpeed (once the accelerator exists; before, the
+    launcher's ACCELERATE_USE_DEEPSPEED decides how it is made)."""
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def _is_distributed(accelerator: Accelerator) -> bool:

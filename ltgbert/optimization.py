@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,7 +36,16 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ltgbert.errors import UserError
 
-__all__ = ["Lamb", "adamw", "param_groups", "build_optimizer", "get_lr_scheduler", "OPTIMIZERS", "SCHEDULERS"]
+__all__ = [
+    "Lamb",
+    "adamw",
+    "param_groups",
+    "layerwise_param_groups",
+    "build_optimizer",
+    "get_lr_scheduler",
+    "OPTIMIZERS",
+    "SCHEDULERS",
+]
 
 OPTIMIZERS = ("lamb", "adamw")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -172,11 +182,13 @@ class Lamb(torch.optim.Optimizer):
             steps.append(state["step"])
 
         if params[0].device.type == "cpu" and self.cpu_fused_adam:
-            updates = _fused_adam_direction(params, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps,
-                                            group["bias_correction"])
+            updates = _fused_adam_direction(
+                params, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, group["bias_correction"]
+            )
         else:
-            updates = _foreach_adam_direction(grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps,
-                                              group["bias_correction"])
+            updates = _foreach_adam_direction(
+                grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, group["bias_correction"]
+            )
 
         if weight_decay != 0.0:
             torch._foreach_add_(updates, params, alpha=weight_decay)
@@ -231,8 +243,21 @@ def _fused_adam_direction(params, grads, exp_avgs, exp_avg_sqs, steps, beta1, be
     flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
     updates = [u.view_as(p) for u, p in zip(flat.split([p.numel() for p in params]), params)]
     counts = torch.tensor(steps if bias_correction else [1e9] * len(steps), dtype=torch.float32)
-    torch._fused_adam_(updates, grads, exp_avgs, exp_avg_sqs, [], list(counts.unbind(0)), lr=-1.0, beta1=beta1,
-                       beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+    torch._fused_adam_(
+        updates,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        list(counts.unbind(0)),
+        lr=-1.0,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=0.0,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
     return updates
 
 
@@ -274,16 +299,57 @@ def adamw(groups, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
+def layerwise_param_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float, decay: float = 1.0
+) -> list[dict[str, Any]]:
+    """``param_groups`` split by layer-wise learning-rate scale (fine-tuning's ``--layerwise_lr_decay``).
+
+    Encoder layer i (1-based, of L) gets ``lr * decay ** (L - i)``, embeddings ``lr * decay ** L``, the head
+    ``lr``: lower layers hold general features that pretraining got right and fine-tuning should move least.
+    With ``decay == 1`` these are ``param_groups`` with ``lr`` set.
+    """
+    groups = param_groups(model, weight_decay)
+    if decay == 1.0:
+        return [{**g, "lr": lr} for g in groups]
+    num_layers = model.config.num_hidden_layers
+    prefix = model.base_model_prefix + "."
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def depth(name: str) -> int:
+        if not name.startswith(prefix):
+            return num_layers  # the head: full learning rate
+        match = re.search(r"\.layers?\.(\d+)\.", name)
+        if match:
+            return int(match.group(1)) + 1
+        return 0 if "embed" in name else num_layers
+
+    split: list[dict[str, Any]] = []
+    for group in groups:
+        by_scale: dict[float, list] = {}
+        for p in group["params"]:
+            by_scale.setdefault(decay ** (num_layers - depth(names[id(p)])), []).append(p)
+        for scale, params in sorted(by_scale.items()):
+            split.append({**group, "params": params, "lr": lr * scale})
+    return split
+
+
 def build_optimizer(
     name: str,
-    model: torch.nn.Module,
+    model_or_groups: torch.nn.Module | list[dict[str, Any]],
     lr: float,
     betas: tuple[float, float] = (0.9, 0.98),
     eps: float = 1e-6,
     weight_decay: float = 0.1,
 ) -> torch.optim.Optimizer:
-    """Builds "lamb" (``Lamb``) or "adamw" (``torch.optim.AdamW``) over ``param_groups(model, weight_decay)``."""
-    groups = param_groups(model, weight_decay)
+    """Builds "lamb" (``Lamb``) or "adamw" (``torch.optim.AdamW``, fused where possible).
+
+    ``model_or_groups``: a model (grouped by ``param_groups(model, weight_decay)``) or ready parameter groups
+    (e.g. ``layerwise_param_groups``), whose own "lr" / "weight_decay" entries win over the arguments.
+    """
+    if isinstance(model_or_groups, torch.nn.Module):
+        groups = param_groups(model_or_groups, weight_decay)
+    else:
+        groups = [g for g in model_or_groups if g["params"]]
     if not groups:
         raise UserError("the model has no trainable parameters; check which parameters are frozen")
     key = name.lower()
@@ -298,9 +364,7 @@ def build_optimizer(
 # learning-rate schedules
 
 
-def _lr_factor(
-    step: int, *, kind: str, num_warmup_steps: int, num_training_steps: int, min_lr_ratio: float
-) -> float:
+def _lr_factor(step: int, *, kind: str, num_warmup_steps: int, num_training_steps: int, min_lr_ratio: float) -> float:
     # Module-level function wrapped in functools.partial (not a closure) so the scheduler pickles.
     if step < num_warmup_steps:
         return float(step) / float(max(1, num_warmup_steps))
@@ -333,9 +397,7 @@ def get_lr_scheduler(
     if kind not in SCHEDULERS:
         raise UserError(f"unknown lr scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
     if num_warmup_steps < 0 or num_training_steps < 0:
-        raise UserError(
-            f"warmup ({num_warmup_steps}) and training ({num_training_steps}) steps must not be negative"
-        )
+        raise UserError(f"warmup ({num_warmup_steps}) and training ({num_training_steps}) steps must not be negative")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise UserError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     fn = functools.partial(

@@ -50,7 +50,7 @@ class PreemptionHandler:
         self._signal_name: str | None = None
         self._previous: dict[signal.Signals, object] = {}
 
-    def install(self) -> "PreemptionHandler":
+    def install(self) -> PreemptionHandler:
         """Installs the flag-setting handler for every signal (idempotent); returns self."""
         for sig in self.signals:
             if sig in self._previous:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -15,11 +14,23 @@ PRETRAIN = ROOT / "launch" / "pretrain.py"
 def tiny_args(corpus, tokenizer, output_dir, **overrides):
     """Flags for a tiny, fast pretraining run on the shared test corpus."""
     values = {
-        "train_file": str(corpus.corpus_train), "validation_file": str(corpus.corpus_validation),
-        "tokenizer_name": str(tokenizer), "output_dir": str(output_dir), "config_name": "tiny",
-        "max_seq_length": 32, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
-        "max_steps": 6, "logging_steps": 1, "eval_steps": 0, "save_steps": 0, "max_eval_samples": 64,
-        "learning_rate": 5e-3, "report_to": "none", "disable_tqdm": True, "seed": 7,
+        "train_file": str(corpus.corpus_train),
+        "validation_file": str(corpus.corpus_validation),
+        "tokenizer_name": str(tokenizer),
+        "output_dir": str(output_dir),
+        "config_name": "tiny",
+        "max_seq_length": 32,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16,
+        "max_steps": 6,
+        "logging_steps": 1,
+        "eval_steps": 0,
+        "save_steps": 0,
+        "max_eval_samples": 64,
+        "learning_rate": 5e-3,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "seed": 7,
     }
     values.update(overrides)
     args = []
@@ -37,8 +48,15 @@ def tiny_args(corpus, tokenizer, output_dir, **overrides):
 
 def env(**extra):
     e = dict(os.environ)
-    e.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-              "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
+    e.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+        }
+    )
     e.update(extra)
     return e
 
@@ -67,17 +85,37 @@ def run(cmd, timeout=240, check=True, **kwargs):
     return result
 
 
-STEP_LINE = re.compile(r"^step (\d+) loss ([-\d.e+naninf]+) acc")
+def metrics(output_dir):
+    """The lines of <output_dir>/metrics.jsonl (one JSON object per logged step or evaluation)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def logged_losses(stdout):
-    """{step: loss} from the training log lines ("step N loss X acc ...")."""
-    losses = {}
-    for line in stdout.splitlines():
-        m = STEP_LINE.match(line.strip())
-        if m:
-            losses[int(m.group(1))] = float(m.group(2))
-    return losses
+def logged(output_dir, key):
+    """{step: value} of one logged quantity, e.g. "train/loss" or "eval/loss"."""
+    return {m["step"]: m[key] for m in metrics(output_dir) if key in m}
+
+
+def logged_losses(output_dir):
+    return logged(output_dir, "train/loss")
+
+
+def rows_by_rank(output_dir):
+    """{rank: [(step, [rows of each micro-batch]), ...]} recorded with --debug_record_rows."""
+    out = {}
+    for path in sorted((Path(output_dir) / "debug_rows").glob("rank*.jsonl")):
+        rank = int(path.stem[4:])
+        out[rank] = [(r["step"], r["rows"]) for r in map(json.loads, path.read_text().splitlines())]
+    return out
+
+
+def rows_by_step(output_dir):
+    """{step: sorted rows of that optimizer step over every rank and micro-batch}."""
+    steps = {}
+    for records in rows_by_rank(output_dir).values():
+        for step, micro in records:
+            steps.setdefault(step, []).extend(r for batch in micro for r in batch)
+    return {s: sorted(rows) for s, rows in steps.items()}
 
 
 def run_config(output_dir):

@@ -28,8 +28,17 @@ import time
 from pathlib import Path
 
 MARKER = "LTGBERT_SLURM_TEST_ROOT"
-FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                   "DEADLINE", "PREEMPTED"}
+FINISHED_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 SLURM_BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "srun", "scontrol", "squeue", "scancel")
 
 
@@ -142,14 +151,27 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             key.write_bytes(os.urandom(1024))
             key.chmod(0o400)
         m = self.munge_socket.parent
-        self._spawn("munged", [_which("munged"), "--foreground", "--force", f"--key-file={key}",
-                               f"--socket={self.munge_socket}", f"--pid-file={m}/munged.pid",
-                               f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed"])
+        self._spawn(
+            "munged",
+            [
+                _which("munged"),
+                "--foreground",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={m}/munged.pid",
+                f"--log-file={m}/munged.log",
+                f"--seed-file={m}/munged.seed",
+            ],
+        )
         self._wait(lambda: self.munge_socket.exists(), timeout, "munged did not create its socket")
         # -i: ignore any saved state (there is none, but a stale dir must not resurrect jobs).
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-        self._wait(lambda: self._run(["scontrol", "ping"], check=False).returncode == 0, timeout,
-                   "slurmctld did not answer `scontrol ping`")
+        self._wait(
+            lambda: self._run(["scontrol", "ping"], check=False).returncode == 0,
+            timeout,
+            "slurmctld did not answer `scontrol ping`",
+        )
         for node in self.nodes:
             self._spawn(f"slurmd-{node}", [_which("slurmd"), "-D", "-N", node, "-f", str(self.conf)])
         self._wait(self._nodes_idle, timeout, "the slurmd nodes did not become idle")
@@ -195,8 +217,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.stdout", "wb")
-        self._daemons[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL, start_new_session=True)
+        self._daemons[name] = subprocess.Popen(
+            cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         log.close()
 
     def _nodes_idle(self) -> bool:
@@ -221,8 +244,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     # ----------------------------------------------------------------------------- jobs
     def sbatch(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> int:
         """Submit `sbatch --parsable <args>` from `cwd`; returns the job id."""
-        out = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env={**self.env, **(env or {})},
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            ["sbatch", "--parsable", *args], cwd=cwd, env={**self.env, **(env or {})}, capture_output=True, text=True
+        )
         if out.returncode != 0:
             raise RuntimeError(f"sbatch failed: {out.stderr.strip()}")
         return int(out.stdout.strip().split(";")[0])
@@ -246,8 +270,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             if info.get("JobState") in states:
                 return info
             time.sleep(0.3)
-        raise TimeoutError(f"job {job_id} did not reach {sorted(states)} in {timeout:.0f}s: {info}\n"
-                           + self.tail_logs())
+        raise TimeoutError(
+            f"job {job_id} did not reach {sorted(states)} in {timeout:.0f}s: {info}\n" + self.tail_logs()
+        )
 
     def wait_finished(self, job_id: int, timeout: float) -> dict[str, str]:
         return self.wait_state(job_id, FINISHED_STATES, timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +69,17 @@ def test_yaml_config_and_cli_override(tmp_path):
 
     model, train = parse_args(
         TYPES,
-        ["--max_steps", "3", f"--config={config}", "--bf16", "--no_gradient_checkpointing", "--layers", "9",
-         "--preset", "base"],
+        [
+            "--max_steps",
+            "3",
+            f"--config={config}",
+            "--bf16",
+            "--no_gradient_checkpointing",
+            "--layers",
+            "9",
+            "--preset",
+            "base",
+        ],
     )
     assert train.max_steps == 3 and train.learning_rate == 1e-4
     assert train.bf16 is True and train.gradient_checkpointing is False and train.layers == [9]
@@ -109,9 +119,32 @@ def test_cli_errors():
         parse_args(TYPES, ["--output_dir", "x", "--max_step", "3"])
     with pytest.raises(UserError, match=r"--warmup_ratio must be in \[0, 1\)"):
         parse_args(TYPES, ["--output_dir", "x", "--warmup_ratio", "2"])
-    with pytest.raises(SystemExit) as exc:  # missing required flag: argparse's own usage error
+    # argparse's own errors (a missing flag, a value of the wrong type) are one-line UserErrors too
+    with pytest.raises(UserError, match="required: --output_dir.*see --help"):
         parse_args(TYPES, [])
-    assert exc.value.code == 2
+    with pytest.raises(UserError, match="invalid int value: 'many'"):
+        parse_args(TYPES, ["--output_dir", "x", "--max_steps", "many"])
+
+
+def test_help_groups_sections_and_hides_test_flags(capsys):
+    from ltgbert.arguments import build_parser
+
+    @dataclass
+    class Data:
+        _argument_group_name = "data"
+        train_file: str = field(default="a", metadata={"help": "corpus"})
+
+    @dataclass
+    class Run(Data):
+        _argument_group_name = "run"
+        seed: int = field(default=1, metadata={"help": "seed"})
+        debug_flag: bool = field(default=False, metadata={"help": argparse.SUPPRESS})
+
+    text = build_parser([Run], description="Launch me:\n    python x.py").format_help()
+    assert "Launch me:\n    python x.py" in text  # the docstring's commands, not reflowed
+    data, run = text.index("\ndata:"), text.index("\nrun:")
+    assert data < text.index("--train_file", data) < run < text.index("--seed", run)
+    assert "debug_flag" not in text
 
 
 def test_resolved_config_round_trip(tmp_path):

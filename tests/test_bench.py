@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_bias_gather  # noqa: E402
 import bench_checkpointing  # noqa: E402
 import bench_dropout  # noqa: E402
+import bench_loader  # noqa: E402
 import bench_model  # noqa: E402
 import bench_pretrain  # noqa: E402
 import gpu  # noqa: E402
@@ -54,8 +55,26 @@ def test_bench_model_compile_tiny():
 def test_bench_model_base_size_with_lamb():
     """--size base builds the published width (one layer here, to stay fast); --optimizer picks what steps
     every variant: lamb is ours, adamw is the fused kernel launch/ uses, adamw_unfused torch's CPU default."""
-    results = bench_model.main(["--size", "base", "--layers", "1", "--batch_size", "2", "--seq_len", "16",
-                                "--steps", "1", "--rounds", "1", "--matmul_size", "256", "--optimizer", "lamb"])
+    results = bench_model.main(
+        [
+            "--size",
+            "base",
+            "--layers",
+            "1",
+            "--batch_size",
+            "2",
+            "--seq_len",
+            "16",
+            "--steps",
+            "1",
+            "--rounds",
+            "1",
+            "--matmul_size",
+            "256",
+            "--optimizer",
+            "lamb",
+        ]
+    )
     assert results["shape"]["hidden"] == 768 and results["shape"]["heads"] == 12 and results["optimizer"] == "lamb"
     assert results["models"]["ltg"]["params"] == pytest.approx(results["models"]["bert"]["params"], rel=0.05)
     model = torch.nn.Linear(4, 4)
@@ -74,8 +93,20 @@ def test_bench_pretrain_vs_tree_alternates_the_two_checkouts(monkeypatch, tmp_pa
 
     calls = []
 
-    def fake_run_once(workdir, corpus, tokenizer, preset, steps, processes, config, batch, seq_len, tag, extra=(),
-                      tree=bench_pretrain.ROOT):
+    def fake_run_once(
+        workdir,
+        corpus,
+        tokenizer,
+        preset,
+        steps,
+        processes,
+        config,
+        batch,
+        seq_len,
+        tag,
+        extra=(),
+        tree=bench_pretrain.ROOT,
+    ):
         calls.append((tag, tuple(extra), Path(tree)))
         return (200.0 if Path(tree) == bench_pretrain.ROOT else 100.0), 0.5
 
@@ -83,12 +114,18 @@ def test_bench_pretrain_vs_tree_alternates_the_two_checkouts(monkeypatch, tmp_pa
     monkeypatch.setattr(ltgbert.demo_data, "ensure_demo_data", lambda *a, **k: types.SimpleNamespace(corpus_train=None))
     monkeypatch.setattr(ltgbert.tokenization, "train_tokenizer", lambda *a, **k: None)
     other = tmp_path / "before"
-    bench_pretrain.main(["--compile_rounds", "3", "--rounds", "0", "--vs_tree", str(other)]
-                        + (["--vs_compile"] if vs_compile else []))
+    bench_pretrain.main(
+        ["--compile_rounds", "3", "--rounds", "0", "--vs_tree", str(other)] + (["--vs_compile"] if vs_compile else [])
+    )
     flags = ("--torch_compile",) if vs_compile else ()
     assert [(tag, tree) for tag, _, tree in calls[1:]] == [
-        ("vs_tree-0", other), ("this_tree-0", bench_pretrain.ROOT), ("this_tree-1", bench_pretrain.ROOT),
-        ("vs_tree-1", other), ("vs_tree-2", other), ("this_tree-2", bench_pretrain.ROOT)]
+        ("vs_tree-0", other),
+        ("this_tree-0", bench_pretrain.ROOT),
+        ("this_tree-1", bench_pretrain.ROOT),
+        ("vs_tree-1", other),
+        ("vs_tree-2", other),
+        ("this_tree-2", bench_pretrain.ROOT),
+    ]
     assert all(extra == flags for _, extra, _ in calls[1:])
     assert "this_tree / vs_tree: 2.000x" in capsys.readouterr().out
 
@@ -160,7 +197,7 @@ def test_bench_checkpointing_rejects_unknown_mode():
 
 def test_gpu_bench_tiny_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
-    results = gpu.main(["--tiny", "--no_compile", "--seq_lens", "32"])
+    results = gpu.main(["--tiny", "--no_compile", "--seq_lens", "32", "--no-entry_points"])
     saved = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert saved["device"] == "cpu" and saved["peak_matmul_flops"] > 0
     assert results["checks"]["sdpa"]["ok"] and results["checks"]["flex"]["ok"]
@@ -170,3 +207,9 @@ def test_gpu_bench_tiny_on_cpu(tmp_path, monkeypatch):
         assert by_variant[variant]["tokens_per_s"] > 0
     assert 0 < by_variant["sdpa"]["optimizer_share"] < 1
     assert "error" in by_variant["flex"] or by_variant["flex"]["tokens_per_s"] > 0
+
+
+def test_bench_loader_tiny_gives_identical_batches_for_every_worker_count():
+    results = bench_loader.main(["--tiny", "--workers", "0", "2", "--fetch", "rows"])
+    assert results["identical_batches"] and set(results["loader"]) == {"rows workers=0", "rows workers=2"}
+    assert all(e["tokens_per_s"] > 0 for e in results["loader"].values())

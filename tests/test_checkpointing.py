@@ -213,11 +213,27 @@ def _launch(tmp_path, launch_flags, optimizer):
     script.write_text(DIST_SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK", "LOCAL_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           *launch_flags, str(script), str(tmp_path / "run"), optimizer]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        *launch_flags,
+        str(script),
+        str(tmp_path / "run"),
+        optimizer,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and len(results) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     results.sort(key=lambda r: r["process_index"])
     assert [r["process_index"] for r in results] == [0, 1]
@@ -276,12 +292,16 @@ def test_make_accelerator_warns_when_cpu_mixed_precision_is_emulated(fresh_accel
     assert isinstance(distributed.cpu_has_native("bf16"), bool) and isinstance(distributed.cpu_has_native("fp16"), bool)
 
 
-@pytest.mark.parametrize("precision, instructions", [("bf16", "AVX512-BF16 or AMX"), ("fp16", "AVX512-FP16 or AMX-FP16")])
+@pytest.mark.parametrize(
+    "precision, instructions", [("bf16", "AVX512-BF16 or AMX"), ("fp16", "AVX512-FP16 or AMX-FP16")]
+)
 def test_emulated_precision_warning_names_the_instructions_and_only_concerns_cpus(monkeypatch, precision, instructions):
     from ltgbert import distributed
 
     monkeypatch.setattr(distributed, "cpu_has_native", lambda p: False)
-    with pytest.warns(UserWarning, match=f"drop --mixed_precision {precision}, or run on a GPU or a CPU with {instructions}"):
+    with pytest.warns(
+        UserWarning, match=f"drop --mixed_precision {precision}, or run on a GPU or a CPU with {instructions}"
+    ):
         assert distributed.warn_if_cpu_precision_is_emulated(torch.device("cpu"), precision)
     assert not distributed.warn_if_cpu_precision_is_emulated(torch.device("cuda"), precision)
 

@@ -13,8 +13,14 @@ import pytest
 import torch
 
 from ltgbert.errors import UserError
-from ltgbert.optimization import (Lamb, _foreach_adam_direction, _fused_adam_direction, build_optimizer,
-                                  get_lr_scheduler, param_groups)
+from ltgbert.optimization import (
+    Lamb,
+    _foreach_adam_direction,
+    _fused_adam_direction,
+    build_optimizer,
+    get_lr_scheduler,
+    param_groups,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from bench_lamb import ReferenceLamb  # noqa: E402  (the LTG-BERT per-parameter loop)
@@ -45,8 +51,9 @@ def _grads(model, seed):
     model(torch.randint(0, 50, (4, 10))).backward()
 
 
-@pytest.mark.parametrize("weight_decay,cpu_chunk_numel,fused", [(0.0, None, True), (0.1, None, True),
-                                                                 (0.1, 100, True), (0.1, None, False)])
+@pytest.mark.parametrize(
+    "weight_decay,cpu_chunk_numel,fused", [(0.0, None, True), (0.1, None, True), (0.1, 100, True), (0.1, None, False)]
+)
 def test_lamb_matches_reference(weight_decay, cpu_chunk_numel, fused):
     torch.manual_seed(0)
     model = TinyNet()
@@ -175,7 +182,13 @@ def test_param_groups_split():
     no_decay = sorted(names[id(p)] for p in groups[1]["params"])
     assert decay == ["conv.weight", "down.weight", "up.weight"]
     assert no_decay == [
-        "conv.bias", "down.bias", "norm.bias", "norm.weight", "scale", "up.bias", "word_embedding.weight"
+        "conv.bias",
+        "down.bias",
+        "norm.bias",
+        "norm.weight",
+        "scale",
+        "up.bias",
+        "word_embedding.weight",
     ]
     assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
 

@@ -3,7 +3,9 @@
 What is proven, with the real entry points and tiny settings:
 - `sbatch --nodes=2 slurm/pretrain.slurm ...` trains with two machine ranks (one per node) in one gloo world,
   finishes, and leaves the final model, checkpoints and TensorBoard logs; it is not requeued.
-- `sbatch --nodes=2 slurm/finetune.slurm ...` fine-tunes the result the same way (a SLURM dependency).
+- `sbatch --nodes=2 slurm/finetune.slurm ...` fine-tunes the result the same way (a SLURM dependency), on one task
+  and with the default multi-task run (every demo task in turn, one process group); the pretraining job tokenises
+  its corpus once in total (two nodes, one shared cache).
 - Preemption: `scancel --signal=USR1 --batch` (what `--signal=B:USR1@T` does before the time limit) makes the
   run checkpoint and exit, the job requeues itself, resumes from the checkpoint and ends at the planned step
   with every step done exactly once.
@@ -42,10 +44,28 @@ def _require_slurm():
 
 REPO = Path(__file__).resolve().parent.parent
 # What a CPU-only test cluster needs instead of the templates' GPU-cluster header lines.
-OVERRIDES = ["--account=ltgtest", "--partition=debug", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=500M",
-             "--time=1:00:00"]
-PRETRAIN_ARGS = ["--config_name", "tiny", "--max_seq_length", "32", "--per_device_train_batch_size", "4",
-                 "--logging_steps", "1", "--report_to", "tensorboard", "--disable_tqdm", "true"]
+OVERRIDES = [
+    "--account=ltgtest",
+    "--partition=debug",
+    "--gpus-per-node=0",
+    "--cpus-per-task=1",
+    "--mem=500M",
+    "--time=1:00:00",
+]
+PRETRAIN_ARGS = [
+    "--config_name",
+    "tiny",
+    "--max_seq_length",
+    "32",
+    "--per_device_train_batch_size",
+    "4",
+    "--logging_steps",
+    "1",
+    "--report_to",
+    "tensorboard",
+    "--disable_tqdm",
+    "true",
+]
 PREEMPT_STEPS = 60  # long enough that the test can signal the run in the middle
 TIMEOUT = 240
 
@@ -86,12 +106,17 @@ def data(tmp_path_factory) -> dict[str, Path]:
     for split, n in (("train", 48), ("validation", 16)):
         rows = [{"sentence": s, "label": int("dog" in s.split())} for s in _sentences(rnd, n)]
         (task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return {"root": root, "corpus": root / "corpus.txt", "valid": root / "corpus_valid.txt",
-            "tokenizer": root / "tokenizer", "task": task}
+    return {
+        "root": root,
+        "corpus": root / "corpus.txt",
+        "valid": root / "corpus_valid.txt",
+        "tokenizer": root / "tokenizer",
+        "task": task,
+    }
 
 
 @pytest.fixture(scope="module")
-def jobs(cluster, data, tmp_path_factory) -> dict:
+def jobs(cluster, data, demo_data, tmp_path_factory) -> dict:
     """Submits every job of this module at once; the tests wait for the ones they check."""
     out = tmp_path_factory.mktemp("slurm-runs")
     logs = out / "logs"
@@ -100,47 +125,140 @@ def jobs(cluster, data, tmp_path_factory) -> dict:
     def submit(template: str, args: list[str], sbatch: list[str] = (), env: dict | None = None) -> int:
         # No requeue unless a test wants one: a broken run fails at once instead of cycling.
         env = {"MAX_REQUEUES": "0", **(env or {})}
-        return cluster.sbatch([*OVERRIDES, f"--output={logs}/%x-%j.out", *sbatch, template, *args], cwd=REPO,
-                              env=env)
+        return cluster.sbatch([*OVERRIDES, f"--output={logs}/%x-%j.out", *sbatch, template, *args], cwd=REPO, env=env)
 
-    data_args = ["--train_file", str(data["corpus"]), "--validation_file", str(data["valid"]),
-                 "--tokenizer_name", str(data["tokenizer"])]
+    data_args = [
+        "--train_file",
+        str(data["corpus"]),
+        "--validation_file",
+        str(data["valid"]),
+        "--tokenizer_name",
+        str(data["tokenizer"]),
+    ]
     j = {"out": out, "logs": logs}
     j["pretrain_dir"] = out / "pretrain"
-    j["pretrain"] = submit("slurm/pretrain.slurm", [*PRETRAIN_ARGS, *data_args, "--max_steps", "6",
-                                                    "--save_steps", "2", "--output_dir", str(j["pretrain_dir"])],
-                           ["--nodes=2"])
+    j["pretrain"] = submit(
+        "slurm/pretrain.slurm",
+        [
+            *PRETRAIN_ARGS,
+            *data_args,
+            "--max_steps",
+            "6",
+            "--save_steps",
+            "2",
+            "--output_dir",
+            str(j["pretrain_dir"]),
+            "--cache_dir",
+            str(out / "pretrain-cache"),
+        ],
+        ["--nodes=2"],
+    )
     j["preempt_dir"] = out / "preempt"
-    j["preempt"] = submit("slurm/pretrain.slurm", [*PRETRAIN_ARGS, *data_args, "--max_steps", str(PREEMPT_STEPS),
-                                                   "--save_steps", "1000", "--output_dir", str(j["preempt_dir"])],
-                          ["--nodes=2", "--job-name=preempt"],
-                          env={"MAX_REQUEUES": "1", "ACCELERATE_CONFIG": "launch/accelerate/multinode.yaml"})
-    finetune_args = ["--model_name_or_path", str(j["pretrain_dir"] / "final"), "--task_name", "",
-                     "--train_file", str(data["task"] / "train.jsonl"),
-                     "--validation_file", str(data["task"] / "validation.jsonl"),
-                     "--max_seq_length", "32", "--per_device_train_batch_size", "4", "--max_steps", "4",
-                     "--logging_steps", "1", "--eval_steps", "2"]
+    # ZeRO-2 (multinode.yaml): AdamW, since LAMB is refused under ZeRO.
+    j["preempt"] = submit(
+        "slurm/pretrain.slurm",
+        [
+            *PRETRAIN_ARGS,
+            *data_args,
+            "--max_steps",
+            str(PREEMPT_STEPS),
+            "--save_steps",
+            "1000",
+            "--output_dir",
+            str(j["preempt_dir"]),
+            "--optimizer",
+            "adamw",
+        ],
+        ["--nodes=2", "--job-name=preempt"],
+        env={"MAX_REQUEUES": "1", "ACCELERATE_CONFIG": "launch/accelerate/multinode.yaml"},
+    )
+    finetune_args = [
+        "--model_name_or_path",
+        str(j["pretrain_dir"] / "final"),
+        "--task_name",
+        "",
+        "--train_file",
+        str(data["task"] / "train.jsonl"),
+        "--validation_file",
+        str(data["task"] / "validation.jsonl"),
+        "--max_seq_length",
+        "32",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        "4",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "2",
+    ]
     after = [f"--dependency=afterok:{j['pretrain']}"]
     j["finetune_dir"] = out / "finetune"
-    j["finetune"] = submit("slurm/finetune.slurm", [*finetune_args, "--output_dir", str(j["finetune_dir"])],
-                           ["--nodes=2", *after])
+    j["finetune"] = submit(
+        "slurm/finetune.slurm", [*finetune_args, "--output_dir", str(j["finetune_dir"])], ["--nodes=2", *after]
+    )
+    # The default fine-tuning (every demo task in turn) on two nodes: one process group for all tasks.
+    j["multitask_dir"] = out / "multitask"
+    j["multitask"] = submit(
+        "slurm/finetune.slurm",
+        [
+            "--model_name_or_path",
+            str(j["pretrain_dir"] / "final"),
+            "--demo_dir",
+            str(demo_data.root),
+            "--max_seq_length",
+            "32",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_steps",
+            "2",
+            "--max_train_samples",
+            "32",
+            "--max_eval_samples",
+            "16",
+            "--max_predict_samples",
+            "8",
+            "--logging_steps",
+            "1",
+            "--output_dir",
+            str(j["multitask_dir"]),
+        ],
+        ["--nodes=2", "--job-name=multitask", *after],
+    )
     j["sweep_dir"] = out / "sweep"
-    j["sweep"] = submit("slurm/finetune_sweep.slurm", ["--max_seq_length", "32", "--per_device_train_batch_size", "4",
-                                                       "--max_steps", "2", "--eval_steps", "2"],
-                        ["--array=0-3", *after],
-                        env={"TASKS": str(data["task"]), "SEEDS": "1 2", "LEARNING_RATES": "1e-4 1e-3",
-                             "MODEL": str(j["pretrain_dir"] / "final"), "SWEEP_DIR": str(j["sweep_dir"])})
+    j["sweep"] = submit(
+        "slurm/finetune_sweep.slurm",
+        ["--max_seq_length", "32", "--per_device_train_batch_size", "4", "--max_steps", "2", "--eval_steps", "2"],
+        ["--array=0-3", *after],
+        env={
+            "TASKS": str(data["task"]),
+            "SEEDS": "1 2",
+            "LEARNING_RATES": "1e-4 1e-3",
+            "MODEL": str(j["pretrain_dir"] / "final"),
+            "SWEEP_DIR": str(j["sweep_dir"]),
+        },
+    )
     # Stand-ins for a run that crashes after making progress (a new checkpoint) and one that fails at once.
     crash = out / "crash.py"
-    crash.write_text("import os, sys\n"
-                     "os.makedirs(f'{sys.argv[-1]}/checkpoints/step_{os.environ.get(\"SLURM_RESTART_COUNT\", \"0\")}')\n"
-                     "sys.exit(3)\n")
-    j["crash"] = submit("slurm/pretrain.slurm", ["--output_dir", str(out / "crash")], ["--nodes=1", "--job-name=crash"],
-                        env={"SCRIPT": str(crash), "MAX_REQUEUES": "1"})
+    crash.write_text(
+        "import os, sys\n"
+        'os.makedirs(f\'{sys.argv[-1]}/checkpoints/step_{os.environ.get("SLURM_RESTART_COUNT", "0")}\')\n'
+        "sys.exit(3)\n"
+    )
+    j["crash"] = submit(
+        "slurm/pretrain.slurm",
+        ["--output_dir", str(out / "crash")],
+        ["--nodes=1", "--job-name=crash"],
+        env={"SCRIPT": str(crash), "MAX_REQUEUES": "1"},
+    )
     bad = out / "bad.py"
     bad.write_text("import sys\nprint('error: no such corpus', file=sys.stderr)\nsys.exit(2)\n")
-    j["bad_input"] = submit("slurm/pretrain.slurm", ["--output_dir", str(out / "bad")],
-                            ["--nodes=1", "--job-name=bad"], env={"SCRIPT": str(bad), "MAX_REQUEUES": "5"})
+    j["bad_input"] = submit(
+        "slurm/pretrain.slurm",
+        ["--output_dir", str(out / "bad")],
+        ["--nodes=1", "--job-name=bad"],
+        env={"SCRIPT": str(bad), "MAX_REQUEUES": "5"},
+    )
     return j
 
 
@@ -220,6 +338,21 @@ def test_pretrain_on_two_nodes(cluster, jobs):
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step_00000006"
     assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     assert "finished (exit 0)" in log and "requeueing" not in log
+    # The corpus is tokenised once for the whole job: by the global main process, into the shared --cache_dir;
+    # the other node's process reads that cache.
+    assert len(re.findall(r"rank \d: tokenised the training corpus", log)) == 1, log
+    assert len(re.findall(r"rank \d: read the cached training corpus", log)) == 1, log
+
+
+def test_default_multi_task_finetuning_on_two_nodes(cluster, jobs):
+    completed_on_two_nodes(cluster, jobs, "multitask")
+    sys.path.insert(0, str(REPO / "launch"))
+    from finetune import demo_task_names
+
+    for task in demo_task_names():
+        metrics = json.loads((jobs["multitask_dir"] / task / "metrics.json").read_text())
+        assert metrics["world_size"] == 2 and metrics["data_check"]["rows_on_several_ranks"] == 0, (task, metrics)
+        assert metrics["steps"] == 2 and (jobs["multitask_dir"] / task / "best" / "config.json").is_file()
 
 
 def test_finetune_on_two_nodes(cluster, jobs):
@@ -255,8 +388,10 @@ def test_sweep_array_and_gathered_table(cluster, jobs, capsys):
     printed = capsys.readouterr().out
     assert "| toy | 0.001 |" in printed and "Best learning rate per task" in printed, printed
     rows = list(csv.DictReader(open(jobs["sweep_dir"] / "sweep_results.csv")))
-    assert [(r["task"], float(r["learning_rate"]), r["num_seeds"]) for r in rows] == [("toy", 1e-4, "2"),
-                                                                                      ("toy", 1e-3, "2")]
+    assert [(r["task"], float(r["learning_rate"]), r["num_seeds"]) for r in rows] == [
+        ("toy", 1e-4, "2"),
+        ("toy", 1e-3, "2"),
+    ]
     assert sum(r["best"] == "True" for r in rows) == 1
 
 
@@ -264,17 +399,30 @@ def test_gather_sweep_statistics(tmp_path):
     """gather_sweep on hand-written results: mean, sample std over seeds, best lr (higher or lower is better)."""
     gather = import_gather_sweep().gather
 
-    scores = {("cls", "1e-4"): [0.5, 0.7], ("cls", "1e-3"): [0.8, 0.9], ("reg", "1e-4"): [0.3, 0.5],
-              ("reg", "1e-3"): [0.1, 0.2]}
+    scores = {
+        ("cls", "1e-4"): [0.5, 0.7],
+        ("cls", "1e-3"): [0.8, 0.9],
+        ("reg", "1e-4"): [0.3, 0.5],
+        ("reg", "1e-3"): [0.1, 0.2],
+        ("pos", "1e-4"): [0.6, 0.65],  # a token-classification task: entity F1 from metrics.json like any other
+        ("pos", "1e-3"): [0.9, 0.95],
+    }
     for (task, lr), values in scores.items():
         for seed, value in enumerate(values, start=1):
             run = tmp_path / task / f"lr{lr}-seed{seed}"
             run.mkdir(parents=True)
-            metric = "accuracy" if task == "cls" else "loss"
+            metric = {"cls": "accuracy", "reg": "loss", "pos": "f1"}[task]
             (run / "run_config.json").write_text(json.dumps({"learning_rate": float(lr), "seed": seed}))
-            (run / "metrics.json").write_text(json.dumps({
-                "task": "custom", "metric_for_best_model": metric, "eval": {"step": 4, metric: value},
-                "test": {metric: value - 0.1}}))
+            (run / "metrics.json").write_text(
+                json.dumps(
+                    {
+                        "task": "custom",
+                        "metric_for_best_model": metric,
+                        "eval": {"step": 4, metric: value},
+                        "test": {metric: value - 0.1},
+                    }
+                )
+            )
     (tmp_path / "cls" / "lr1e-2-seed1").mkdir()
     (tmp_path / "cls" / "lr1e-2-seed1" / "run_config.json").write_text("{}")  # still running
     rows, markdown = gather(tmp_path)
@@ -282,7 +430,8 @@ def test_gather_sweep_statistics(tmp_path):
     assert by_key[("cls", 1e-3)]["eval_mean"] == pytest.approx(0.85)
     assert by_key[("cls", 1e-3)]["eval_std"] == pytest.approx(0.0707107, rel=1e-5)
     assert by_key[("cls", 1e-3)]["test_mean"] == pytest.approx(0.75)
-    assert [k for k, r in by_key.items() if r["best"]] == [("cls", 1e-3), ("reg", 1e-3)]  # reg: lower loss
+    assert [k for k, r in by_key.items() if r["best"]] == [("cls", 1e-3), ("pos", 1e-3), ("reg", 1e-3)]
+    assert by_key[("pos", 1e-3)]["metric"] == "f1" and by_key[("pos", 1e-3)]["eval_mean"] == pytest.approx(0.925)
     assert "Unfinished runs (no metrics.json): 1" in markdown
     assert (tmp_path / "sweep_results.md").read_text() == markdown
-    assert len(list(csv.DictReader(open(tmp_path / "sweep_results.csv")))) == 4
+    assert len(list(csv.DictReader(open(tmp_path / "sweep_results.csv")))) == 6
