@@ -25,12 +25,19 @@ def build_tokenizer(save_dir=None):
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", 1), ("[SEP]", 2)],
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
-        mask_token="[MASK]", model_max_length=128, model_input_names=["input_ids", "attention_mask"],
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+        model_max_length=128,
+        model_input_names=["input_ids", "attention_mask"],
     )
     if save_dir is not None:
         fast.save_pretrained(save_dir)
@@ -54,8 +61,9 @@ def demo_data(tmp_path_factory):
     """A smaller copy of the built-in demo data (corpus, minimal pairs, tasks), shared by the session."""
     from ltgbert.demo_data import ensure_demo_data
 
-    return ensure_demo_data(tmp_path_factory.mktemp("demo-data"), num_words=300_000, pairs_per_phenomenon=100,
-                            task_sizes=(1000, 300, 300))
+    return ensure_demo_data(
+        tmp_path_factory.mktemp("demo-data"), num_words=300_000, pairs_per_phenomenon=100, task_sizes=(1000, 300, 300)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -68,11 +76,35 @@ def pretrained_demo_dir(demo_data, tmp_path_factory):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path_factory.mktemp("pretrained-demo")
-    cmd = [sys.executable, str(root / "launch" / "pretrain.py"), "--train_file", str(demo_data.corpus_train),
-           "--validation_file", str(demo_data.corpus_validation), "--output_dir", str(out), "--config_name", "demo",
-           "--max_seq_length", "64", "--per_device_train_batch_size", "32", "--max_steps", PRETRAIN_TEST_STEPS,
-           "--eval_steps", "0", "--save_steps", "0", "--logging_steps", "50", "--report_to", "none",
-           "--disable_tqdm", "--vocab_size", "2048"]
+    cmd = [
+        sys.executable,
+        str(root / "launch" / "pretrain.py"),
+        "--train_file",
+        str(demo_data.corpus_train),
+        "--validation_file",
+        str(demo_data.corpus_validation),
+        "--output_dir",
+        str(out),
+        "--config_name",
+        "demo",
+        "--max_seq_length",
+        "64",
+        "--per_device_train_batch_size",
+        "32",
+        "--max_steps",
+        PRETRAIN_TEST_STEPS,
+        "--eval_steps",
+        "0",
+        "--save_steps",
+        "0",
+        "--logging_steps",
+        "50",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "--vocab_size",
+        "2048",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return out / "final"

@@ -22,11 +22,29 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "launch"))
 
 import finetune  # noqa: E402
+
 from ltgbert.arguments import parse_args  # noqa: E402
 
-FAST = ["--max_train_samples", "256", "--max_eval_samples", "64", "--max_predict_samples", "32",
-        "--num_train_epochs", "1", "--per_device_train_batch_size", "32", "--max_seq_length", "64",
-        "--logging_steps", "4", "--report_to", "none", "--learning_rate", "3e-4"]
+FAST = [
+    "--max_train_samples",
+    "256",
+    "--max_eval_samples",
+    "64",
+    "--max_predict_samples",
+    "32",
+    "--num_train_epochs",
+    "1",
+    "--per_device_train_batch_size",
+    "32",
+    "--max_seq_length",
+    "64",
+    "--logging_steps",
+    "4",
+    "--report_to",
+    "none",
+    "--learning_rate",
+    "3e-4",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -47,11 +65,15 @@ def tiny_model_dir(tmp_path_factory, demo_data):
     from ltgbert.tokenization import save_tokenizer, train_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_model")
-    sentences = [json.loads(line)["sentence"] for task in ("grammaticality", "topic")
-                 for line in open(demo_data.tasks_dir / task / "train.jsonl")]
+    sentences = [
+        json.loads(line)["sentence"]
+        for task in ("grammaticality", "topic")
+        for line in open(demo_data.tasks_dir / task / "train.jsonl")
+    ]
     tokenizer = train_tokenizer(iter(sentences), vocab_size=600, model_max_length=64)
-    config = LtgBertConfig.from_preset("tiny", vocab_size=len(tokenizer), max_position_embeddings=64,
-                                       position_bucket_size=16)
+    config = LtgBertConfig.from_preset(
+        "tiny", vocab_size=len(tokenizer), max_position_embeddings=64, position_bucket_size=16
+    )
     torch.manual_seed(0)
     LtgBertForMaskedLM(config).save_pretrained(out)
     save_tokenizer(tokenizer, out)
@@ -83,9 +105,19 @@ def env(**extra):
 def launch(num_processes, preset, argv, **kwargs):
     from pretrain_utils import free_port
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{preset}",
-           "--num_processes", str(num_processes), "--main_process_port", str(free_port()), "launch/finetune.py",
-           *map(str, argv)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        f"launch/accelerate/{preset}",
+        "--num_processes",
+        str(num_processes),
+        "--main_process_port",
+        str(free_port()),
+        "launch/finetune.py",
+        *map(str, argv),
+    ]
     proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -96,11 +128,28 @@ def test_demo_tasks_every_problem_type(tiny_model_dir, demo_data, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     out = tmp_path / "demo"
-    result = run(["--model_name_or_path", tiny_model_dir, "--task_name", "demo", "--demo_dir", demo_data.root,
-                  "--output_dir", out, *FAST, "--report_to", "tensorboard"])
+    result = run(
+        [
+            "--model_name_or_path",
+            tiny_model_dir,
+            "--task_name",
+            "demo",
+            "--demo_dir",
+            demo_data.root,
+            "--output_dir",
+            out,
+            *FAST,
+            "--report_to",
+            "tensorboard",
+        ]
+    )
     assert result["status"] == "done" and sorted(result["tasks"]) == sorted(finetune.demo_task_names())
-    expected = {"grammaticality": ("binary", int), "topic": ("multiclass", str),
-                "mentions": ("multilabel", list), "regression": ("regression", float)}
+    expected = {
+        "grammaticality": ("binary", int),
+        "topic": ("multiclass", str),
+        "mentions": ("multilabel", list),
+        "regression": ("regression", float),
+    }
     for task, (problem, kind) in expected.items():
         metrics = json.loads((out / task / "metrics.json").read_text())
         assert metrics["problem_type"] == problem and metrics["world_size"] == 1
@@ -108,9 +157,11 @@ def test_demo_tasks_every_problem_type(tiny_model_dir, demo_data, tmp_path):
         preds = read_jsonl(out / task / "predictions_test.jsonl")
         assert len(preds) == 32 and all(isinstance(p["prediction"], kind) for p in preds)
         model = AutoModelForSequenceClassification.from_pretrained(out / task / "best")
-        assert model.config.problem_type == {"binary": "single_label_classification",
-                                             "multiclass": "single_label_classification",
-                                             "multilabel": "multi_label_classification"}.get(problem, problem)
+        assert model.config.problem_type == {
+            "binary": "single_label_classification",
+            "multiclass": "single_label_classification",
+            "multilabel": "multi_label_classification",
+        }.get(problem, problem)
         assert (out / task / "best" / "tokenizer.json").is_file()
     topic = AutoModelForSequenceClassification.from_pretrained(out / "topic" / "best").config
     assert topic.id2label == {0: "animal", 1: "food", 2: "object", 3: "person", 4: "place"}
@@ -125,7 +176,8 @@ def test_demo_tasks_every_problem_type(tiny_model_dir, demo_data, tmp_path):
         assert len(preds) == 32 and all(len(p["prediction"]) == len(t["tokens"]) for p, t in zip(preds, tokens))
         assert set(metrics["labels"]) >= {tag for p in preds for tag in p["prediction"]}
         assert AutoModelForTokenClassification.from_pretrained(out / task / "best").config.num_labels == len(
-            metrics["labels"])
+            metrics["labels"]
+        )
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -145,12 +197,40 @@ def test_glue_task_with_local_files_and_options(tiny_model_dir, tmp_path):
     (tmp_path / "dev.tsv").write_text(header + "".join("\t".join(r) + "\n" for r in rows[:16]))
     (tmp_path / "test.tsv").write_text("sentence1\tsentence2\n" + "".join(f"{a}\t{b}\n" for a, b, _ in rows[:6]))
     out = tmp_path / "rte"
-    result = run(["--model_name_or_path", tiny_model_dir, "--task_name", "rte", "--train_file", tmp_path / "train.tsv",
-                  "--validation_file", tmp_path / "dev.tsv", "--test_file", tmp_path / "test.tsv",
-                  "--output_dir", out, *FAST, "--num_train_epochs", "3", "--per_device_train_batch_size", "8",
-                  "--gradient_accumulation_steps", "2", "--eval_steps", "2", "--early_stopping_patience", "2",
-                  "--metric_for_best_model", "eval_accuracy", "--layerwise_lr_decay", "0.8", "--gradient_checkpointing",
-                  "--predictions_format", "tsv"])
+    result = run(
+        [
+            "--model_name_or_path",
+            tiny_model_dir,
+            "--task_name",
+            "rte",
+            "--train_file",
+            tmp_path / "train.tsv",
+            "--validation_file",
+            tmp_path / "dev.tsv",
+            "--test_file",
+            tmp_path / "test.tsv",
+            "--output_dir",
+            out,
+            *FAST,
+            "--num_train_epochs",
+            "3",
+            "--per_device_train_batch_size",
+            "8",
+            "--gradient_accumulation_steps",
+            "2",
+            "--eval_steps",
+            "2",
+            "--early_stopping_patience",
+            "2",
+            "--metric_for_best_model",
+            "eval_accuracy",
+            "--layerwise_lr_decay",
+            "0.8",
+            "--gradient_checkpointing",
+            "--predictions_format",
+            "tsv",
+        ]
+    )
     assert result["metric_for_best_model"] == "accuracy" and result["official_metrics"] == ["accuracy"]
     assert result["steps"] < 15 and len(result["history"]) == result["steps"] // 2  # stopped early
     lines = (out / "predictions_test.tsv").read_text().splitlines()
@@ -165,21 +245,48 @@ def test_mnli_matched_and_mismatched_from_a_local_datasets_copy(tiny_model_dir, 
     import datasets
 
     labels = datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])
-    features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
-                                  "label": labels, "idx": datasets.Value("int32")})
+    features = datasets.Features(
+        {
+            "premise": datasets.Value("string"),
+            "hypothesis": datasets.Value("string"),
+            "label": labels,
+            "idx": datasets.Value("int32"),
+        }
+    )
 
     def split(n, offset=0, test=False):
-        rows = {"premise": [f"the dog {i} runs" for i in range(n)], "hypothesis": [f"a dog {i % 3}" for i in range(n)],
-                "label": [-1 if test else (i + offset) % 3 for i in range(n)], "idx": list(range(n))}
+        rows = {
+            "premise": [f"the dog {i} runs" for i in range(n)],
+            "hypothesis": [f"a dog {i % 3}" for i in range(n)],
+            "label": [-1 if test else (i + offset) % 3 for i in range(n)],
+            "idx": list(range(n)),
+        }
         return datasets.Dataset.from_dict(rows, features=features)
 
     copy = tmp_path / "glue"
-    datasets.DatasetDict({"train": split(96), "validation_matched": split(24), "validation_mismatched": split(20, 1),
-                          "test_matched": split(8, test=True), "test_mismatched": split(6, test=True)}
-                         ).save_to_disk(copy / "mnli")
+    datasets.DatasetDict(
+        {
+            "train": split(96),
+            "validation_matched": split(24),
+            "validation_mismatched": split(20, 1),
+            "test_matched": split(8, test=True),
+            "test_mismatched": split(6, test=True),
+        }
+    ).save_to_disk(copy / "mnli")
     out = tmp_path / "mnli"
-    result = run(["--model_name_or_path", tiny_model_dir, "--task_name", "mnli", "--dataset_name", copy,
-                  "--output_dir", out, *FAST])
+    result = run(
+        [
+            "--model_name_or_path",
+            tiny_model_dir,
+            "--task_name",
+            "mnli",
+            "--dataset_name",
+            copy,
+            "--output_dir",
+            out,
+            *FAST,
+        ]
+    )
     assert result["labels"] == ["entailment", "neutral", "contradiction"]
     assert set(result["eval"]) >= {"accuracy", "loss"} and set(result["eval_splits"]) == {"validation_mismatched"}
     assert 0 <= result["eval_splits"]["validation_mismatched"]["accuracy"] <= 1
@@ -198,8 +305,21 @@ def test_published_hplt_checkpoint_fine_tunes_without_its_code(tmp_path, demo_da
     hplt, source = make_hplt_checkpoint(tmp_path / "hplt")
     out = tmp_path / "out"
     grammar = demo_data.tasks_dir / "grammaticality"
-    result = run(["--model_name_or_path", hplt, "--train_file", grammar / "train.jsonl", "--validation_file",
-                  grammar / "validation.jsonl", "--output_dir", out, *FAST, "--max_seq_length", "32"])
+    result = run(
+        [
+            "--model_name_or_path",
+            hplt,
+            "--train_file",
+            grammar / "train.jsonl",
+            "--validation_file",
+            grammar / "validation.jsonl",
+            "--output_dir",
+            out,
+            *FAST,
+            "--max_seq_length",
+            "32",
+        ]
+    )
     assert result["status"] == "done" and not code_ran(hplt)
     model = AutoModelForSequenceClassification.from_pretrained(out / "best")
     assert type(model).__name__ == "LtgBertForSequenceClassification" and model.config.model_type == "ltgbert"
@@ -248,8 +368,10 @@ def test_bad_input(tiny_model_dir, demo_data, tmp_path, capsys, monkeypatch):
     # a tokenizer bigger than the model's embedding matrix
     small = tmp_path / "small"
     LtgBertForSequenceClassification(LtgBertConfig(**{**config, "vocab_size": 50})).save_pretrained(small)
-    assert "50" in cli_error([*local, "--model_name_or_path", small, "--tokenizer_name", tiny_model_dir,
-                              "--output_dir", tmp_path / "o2"], capsys)
+    assert "50" in cli_error(
+        [*local, "--model_name_or_path", small, "--tokenizer_name", tiny_model_dir, "--output_dir", tmp_path / "o2"],
+        capsys,
+    )
     # a finished run is not overwritten; no arguments and no pretraining output -> the command that makes it
     assert "holds a finished run" in cli_error([*clf_args, "--ignore_mismatched_sizes"], capsys)
     monkeypatch.chdir(tmp_path)
@@ -270,19 +392,47 @@ def test_sigterm_between_logging_steps_checkpoints_and_resume_is_exact(tiny_mode
     from safetensors.torch import load_file
 
     grammar = demo_data.tasks_dir / "grammaticality"
-    argv = ["--model_name_or_path", tiny_model_dir, "--train_file", grammar / "train.jsonl",
-            "--validation_file", grammar / "validation.jsonl", *FAST, "--max_train_samples", "256",
-            "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--logging_steps", "1000",
-            "--save_steps", "0", "--debug_record_rows"]
+    argv = [
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--train_file",
+        grammar / "train.jsonl",
+        "--validation_file",
+        grammar / "validation.jsonl",
+        *FAST,
+        "--max_train_samples",
+        "256",
+        "--num_train_epochs",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--logging_steps",
+        "1000",
+        "--save_steps",
+        "0",
+        "--debug_record_rows",
+    ]
     straight = tmp_path / "straight"
     trackio = env(TRACKIO_DIR=str(tmp_path / "trackio"))
-    done = subprocess.run([sys.executable, "launch/finetune.py", *map(str, argv), "--output_dir", straight], cwd=REPO,
-                          env=env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "launch/finetune.py", *map(str, argv), "--output_dir", straight],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "resumed"
     tracked = [*argv, "--output_dir", out, "--resume_from_checkpoint", "latest", "--report_to", "tensorboard,trackio"]
-    proc = subprocess.Popen([sys.executable, "launch/finetune.py", *map(str, tracked)], cwd=REPO, env=trackio,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "launch/finetune.py", *map(str, tracked)],
+        cwd=REPO,
+        env=trackio,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     rows = out / "debug_rows" / "rank0.jsonl"
     deadline = time.time() + 180
     while (not rows.exists() or len(rows.read_text().splitlines()) < 5) and time.time() < deadline:
@@ -296,8 +446,14 @@ def test_sigterm_between_logging_steps_checkpoints_and_resume_is_exact(tiny_mode
     assert 5 <= stopped < 64 and stopped % 1000 and not (out / "metrics.json").exists()
     logged = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     assert not any("train/loss" in line for line in logged)  # no logging step came before the signal
-    resumed = subprocess.run([sys.executable, "launch/finetune.py", *map(str, tracked)], cwd=REPO, env=trackio,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "launch/finetune.py", *map(str, tracked)],
+        cwd=REPO,
+        env=trackio,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = load_file(straight / "best" / "model.safetensors"), load_file(out / "best" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -321,8 +477,16 @@ def test_transformers_trainer_fine_tunes_ltgbert(tmp_path, tiny_tokenizer):
     texts = [("the dog runs", 1), ("the cats see a boy", 0), ("a big dog likes the girl", 1), ("this cat is red", 0)]
     rows = [{**tiny_tokenizer(t), "labels": y} for t, y in texts * 8]
     before = model.classifier.weight.detach().clone()
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-3,
-                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tiny_tokenizer))
     output = trainer.train()
     assert output.global_step == 4 and torch.isfinite(torch.tensor(output.training_loss))
@@ -333,9 +497,27 @@ def test_deepspeed_zero2_two_processes_skips_a_non_finite_step(tiny_model_dir, d
     grammar = demo_data.tasks_dir / "grammaticality"
     out = tmp_path / "ds"
     # The same launch preset as pretraining: ds_configs/zero2.json, whose "auto" values the script fills.
-    launch(2, "zero2.yaml", ["--model_name_or_path", tiny_model_dir, "--train_file", grammar / "train.jsonl",
-                             "--validation_file", grammar / "validation.jsonl", "--test_file", grammar / "test.jsonl",
-                             "--output_dir", out, *FAST, "--debug_nan_at_step", "2", "--logging_steps", "1"])
+    launch(
+        2,
+        "zero2.yaml",
+        [
+            "--model_name_or_path",
+            tiny_model_dir,
+            "--train_file",
+            grammar / "train.jsonl",
+            "--validation_file",
+            grammar / "validation.jsonl",
+            "--test_file",
+            grammar / "test.jsonl",
+            "--output_dir",
+            out,
+            *FAST,
+            "--debug_nan_at_step",
+            "2",
+            "--logging_steps",
+            "1",
+        ],
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and "DEEPSPEED" in metrics["distributed_type"]
     # 256 rows in global batches of 64: each rank its own 128 rows, none twice.
@@ -352,9 +534,29 @@ def test_default_multi_task_run_on_two_ddp_processes_with_a_non_finite_step(tiny
     """The default fine-tuning (every demo task in turn) under 2-process DDP: one process group for all six tasks
     (it used to die at the second), different rows on the two ranks, a NaN on rank 0 skipped on both."""
     out = tmp_path / "demo"
-    launch(2, "ddp.yaml", ["--model_name_or_path", tiny_model_dir, "--demo_dir", demo_data.root, "--output_dir", out,
-                           *FAST, "--max_train_samples", "128", "--per_device_train_batch_size", "16",
-                           "--debug_nan_at_step", "2", "--logging_steps", "1", "--max_predict_samples", "8"])
+    launch(
+        2,
+        "ddp.yaml",
+        [
+            "--model_name_or_path",
+            tiny_model_dir,
+            "--demo_dir",
+            demo_data.root,
+            "--output_dir",
+            out,
+            *FAST,
+            "--max_train_samples",
+            "128",
+            "--per_device_train_batch_size",
+            "16",
+            "--debug_nan_at_step",
+            "2",
+            "--logging_steps",
+            "1",
+            "--max_predict_samples",
+            "8",
+        ],
+    )
     for task in finetune.demo_task_names():
         metrics = json.loads((out / task / "metrics.json").read_text())
         assert metrics["world_size"] == 2 and metrics["distributed_type"] == "DistributedType.MULTI_CPU"
@@ -378,24 +580,57 @@ def test_pretraining_beats_random_init(request, demo_data, tmp_path):
         pretrained = Path(request.getfixturevalue("pretrained_demo_dir"))
     except pytest.FixtureLookupError:
         pytest.skip("needs the pretrained_demo_dir fixture (a short demo pretraining) from tests/conftest.py")
-    argv = ["--task_name", "demo_grammaticality", "--demo_dir", demo_data.root, "--num_train_epochs", "6",
-            "--per_device_train_batch_size", "32", "--learning_rate", "1e-3", "--max_seq_length", "64",
-            "--report_to", "none", "--logging_steps", "50", "--max_predict_samples", "8"]
+    argv = [
+        "--task_name",
+        "demo_grammaticality",
+        "--demo_dir",
+        demo_data.root,
+        "--num_train_epochs",
+        "6",
+        "--per_device_train_batch_size",
+        "32",
+        "--learning_rate",
+        "1e-3",
+        "--max_seq_length",
+        "64",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "50",
+        "--max_predict_samples",
+        "8",
+    ]
     checkpoints = sorted((pretrained.parent / "checkpoints").glob("step_*"))
     if checkpoints:  # accelerate state, not a HF dir: exported to <output_dir>/pretrained_export/ first
-        result = run(["--model_name_or_path", checkpoints[-1], *argv, "--max_train_samples", "64",
-                      "--num_train_epochs", "1", "--output_dir", tmp_path / "from_checkpoint"])
+        result = run(
+            [
+                "--model_name_or_path",
+                checkpoints[-1],
+                *argv,
+                "--max_train_samples",
+                "64",
+                "--num_train_epochs",
+                "1",
+                "--output_dir",
+                tmp_path / "from_checkpoint",
+            ]
+        )
         assert result["status"] == "done"
         assert (tmp_path / "from_checkpoint" / "pretrained_export" / checkpoints[-1].name / "config.json").is_file()
     margins = []
     for seed in (0, 1):
         seeded = [*argv, "--seed", str(seed)]
-        from_pretrained = run(["--model_name_or_path", pretrained, *seeded, "--output_dir", tmp_path / f"pretrained{seed}"])
-        from_scratch = run(["--model_name_or_path", pretrained, *seeded, "--output_dir", tmp_path / f"scratch{seed}",
-                            "--random_init"])
+        from_pretrained = run(
+            ["--model_name_or_path", pretrained, *seeded, "--output_dir", tmp_path / f"pretrained{seed}"]
+        )
+        from_scratch = run(
+            ["--model_name_or_path", pretrained, *seeded, "--output_dir", tmp_path / f"scratch{seed}", "--random_init"]
+        )
         accuracies = (from_pretrained["eval"]["accuracy"], from_scratch["eval"]["accuracy"])
-        print(f"seed {seed}: demo grammaticality validation accuracy pretrained {accuracies[0]:.3f}, "
-              f"random init {accuracies[1]:.3f}")
+        print(
+            f"seed {seed}: demo grammaticality validation accuracy pretrained {accuracies[0]:.3f}, "
+            f"random init {accuracies[1]:.3f}"
+        )
         margins.append(accuracies[0] - accuracies[1])
     assert min(margins) > 0 and sum(margins) / len(margins) >= 0.06, margins
 
